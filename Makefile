@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+# A PostgreSQL that answers on 127.0.0.1:5432 is used by the tests; under CI=true a missing one fails them.
+PG_URL := postgresql+asyncpg://postgres@127.0.0.1:5432/test
+PG_UP := $(shell $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 5432), 1)" 2>/dev/null && echo yes)
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/cjm serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine channels tests
+	$(BIN)/ruff format --check engine channels tests
+	$(BIN)/mypy engine channels
+
+test: $(STAMP) lint
+	$(if $(PG_UP),CJM_TEST_POSTGRES_URL=$${CJM_TEST_POSTGRES_URL:-$(PG_URL)}) $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var

@@ -1,0 +1,96 @@
+"""The HTTP application: tracking, admin and health routes over one runtime.
+
+The app owns nothing: the runtime (settings, database, clock, keys, inbox, journey
+book) is built by whoever serves it (`cjm serve`, a test) and started and stopped
+by the app's lifespan, so one process can hold the API beside its worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from engine.api.auth import RequireAdmin
+from engine.api.health import health_router
+from engine.api.journeys import journeys_router
+from engine.api.leads import leads_router
+from engine.api.tracking import TrackingCors, tracking_components, tracking_router
+from engine.clock import Clock
+from engine.config import Settings
+from engine.db.database import Database
+from engine.ingest.inbox import Inbox
+from engine.keys import ApiKeys
+from engine.machine.book import JourneyBook
+
+
+class AppRuntime(Protocol):
+    """What the routes use; read-only attributes so frozen dataclasses qualify."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def keys(self) -> ApiKeys: ...
+
+    @property
+    def inbox(self) -> Inbox: ...
+
+    @property
+    def book(self) -> JourneyBook: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def create_app(runtime: AppRuntime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="cjm",
+        summary="Customer journey maps that run.",
+        description="Segment-compatible tracking (write key) and the admin API (admin key).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    admin_only = [Depends(RequireAdmin(runtime.keys))]
+    app.include_router(tracking_router(runtime))
+    app.include_router(journeys_router(runtime), dependencies=admin_only)
+    app.include_router(leads_router(runtime), dependencies=admin_only)
+    app.include_router(health_router(runtime))
+    app.add_middleware(TrackingCors)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the tracking schemas, which no route parameter declares."""
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = document.setdefault("components", {})
+            for section, entries in tracking_components().items():
+                components.setdefault(section, {}).update(entries)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,410 @@
+"""Leads as the admin API shows them: who they are and everything the journeys did to them.
+
+A lead merged into another (identify, alias) answers as the lead it survives in.
+A lead's page is read in one snapshot with one query per table, whatever the
+number of journeys, timers or emails.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, cast
+
+from fastapi import APIRouter, HTTPException, Query
+from sqlalchemy import Row, Table, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.api.schemas import (
+    AudienceView,
+    EmailView,
+    EnrollmentView,
+    EventView,
+    GoalView,
+    HistoryEntry,
+    LeadDetail,
+    LeadSummary,
+    OfferView,
+    SequenceView,
+    TimerView,
+)
+from engine.db.schema import (
+    AudienceMember,
+    Enrollment,
+    Event,
+    GoalReached,
+    Identity,
+    Lead,
+    Outbox,
+    Timer,
+    Transition,
+)
+from engine.ingest.identity import ANON, USER
+from engine.machine.book import JourneyBook
+
+if TYPE_CHECKING:
+    from engine.api.app import AppRuntime
+
+Record = Row[*tuple[Any, ...]]
+
+LEADS = cast(Table, Lead.__table__)
+IDENTITIES = cast(Table, Identity.__table__)
+ENROLLMENTS = cast(Table, Enrollment.__table__)
+TRANSITIONS = cast(Table, Transition.__table__)
+TIMERS = cast(Table, Timer.__table__)
+OUTBOX = cast(Table, Outbox.__table__)
+AUDIENCE_MEMBERS = cast(Table, AudienceMember.__table__)
+GOALS = cast(Table, GoalReached.__table__)
+EVENTS = cast(Table, Event.__table__)
+
+# Merges chain (A into B, later B into C); a longer chain than this is a bug, not data.
+MAX_MERGE_DEPTH = 16
+RECENT_EVENTS = 50
+
+
+def leads_router(runtime: AppRuntime) -> APIRouter:
+    router = APIRouter(tags=["leads"])
+
+    @router.get("/v1/leads", summary="Find leads by id or email; the most recent without a filter")
+    async def find_leads(
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        email: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> list[LeadSummary]:
+        async with runtime.db.read() as connection:
+            leads = await find_lead_rows(connection, user_id, anonymous_id, email, limit)
+            identities = await select_identities(connection, [lead.id for lead in leads])
+        return [_summary(lead, identities[lead.id]) for lead in leads]
+
+    @router.get(
+        "/v1/leads/{lead_id}",
+        summary="One lead with its journeys, audiences, emails, offers, goals and events",
+        responses={404: {"description": "No lead has this id."}},
+    )
+    async def get_lead(lead_id: int) -> LeadDetail:
+        async with runtime.db.read() as connection:
+            lead = (await select_survivors(connection, [lead_id])).get(lead_id)
+            if lead is None:
+                raise HTTPException(404, f"no lead {lead_id}")
+            return await _detail(connection, lead, runtime.book)
+
+    return router
+
+
+async def find_lead_rows(
+    connection: AsyncConnection,
+    user_id: str | None,
+    anonymous_id: str | None,
+    email: str | None,
+    limit: int,
+) -> list[Record]:
+    """The surviving leads matching every filter given, newest first."""
+    filters: list[set[int]] = []
+    if user_id is not None:
+        filters.append(await select_lead_ids_by_identity(connection, USER, user_id))
+    if anonymous_id is not None:
+        filters.append(await select_lead_ids_by_identity(connection, ANON, anonymous_id))
+    if email is not None:
+        filters.append(await select_lead_ids_by_email(connection, email.strip().lower()))
+    if not filters:
+        return await select_recent_leads(connection, limit)
+    survivors = await select_survivors(connection, set().union(*filters))
+    matching = set.intersection(
+        *({survivors[lead_id].id for lead_id in ids if lead_id in survivors} for ids in filters)
+    )
+    rows = {row.id: row for row in survivors.values() if row.id in matching}
+    return sorted(rows.values(), key=lambda row: (row.created_at, row.id), reverse=True)[:limit]
+
+
+def _summary(lead: Record, identities: Sequence[Record]) -> LeadSummary:
+    user_ids = [row.value for row in identities if row.kind == USER]
+    return LeadSummary(
+        id=lead.id,
+        user_id=user_ids[-1] if user_ids else None,
+        anonymous_ids=[row.value for row in identities if row.kind == ANON],
+        traits=lead.traits,
+        created_at=lead.created_at,
+        updated_at=lead.updated_at,
+    )
+
+
+async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) -> LeadDetail:
+    identities = (await select_identities(connection, [lead.id]))[lead.id]
+    enrollments = await select_enrollments(connection, lead.id)
+    enrollment_ids = [row.id for row in enrollments]
+    history = _by_enrollment(await select_transitions(connection, enrollment_ids))
+    timers = _by_enrollment(await select_timers(connection, lead.id))
+    outbox = await select_outbox(connection, lead.id)
+    summary = _summary(lead, identities)
+    return LeadDetail(
+        **summary.model_dump(),
+        user_ids=[row.value for row in identities if row.kind == USER],
+        merged_ids=await select_merged_ids(connection, lead.id),
+        journeys=[
+            EnrollmentView(
+                journey=row.journey_id,
+                version=row.version,
+                entry=row.entry_no,
+                stage=row.stage,
+                state=row.state,
+                entered_at=row.entered_at,
+                stage_entered_at=row.stage_entered_at,
+                ended_at=row.ended_at,
+                timers=[
+                    TimerView(
+                        due_at=timer.due_at, stage=timer.stage, to=_timeout_target(book, row, timer)
+                    )
+                    for timer in timers[row.id]
+                ],
+                history=[
+                    HistoryEntry(
+                        from_=step.from_stage, to=step.to_stage, at=step.at, cause=step.cause
+                    )
+                    for step in history[row.id]
+                ],
+            )
+            for row in enrollments
+        ],
+        audiences=[
+            AudienceView(
+                name=row.audience,
+                journey=row.journey_id,
+                added_at=row.added_at,
+                removed_at=row.removed_at,
+            )
+            for row in await select_audiences(connection, lead.id)
+        ],
+        emails=[
+            EmailView(
+                template=row.target,
+                journey=row.journey_id,
+                status=row.status,
+                queued_at=row.created_at,
+            )
+            for row in outbox
+            if row.action == "email.send"
+        ],
+        offers=[
+            OfferView(
+                offer=row.target,
+                journey=row.journey_id,
+                status=row.status,
+                queued_at=row.created_at,
+            )
+            for row in outbox
+            if row.action == "offer.grant"
+        ],
+        sequences=[
+            SequenceView(
+                sequence=row.target,
+                action=row.action,
+                journey=row.journey_id,
+                status=row.status,
+                queued_at=row.created_at,
+            )
+            for row in outbox
+            if row.action in ("sequence.start", "sequence.stop")
+        ],
+        goals=[
+            GoalView(journey=row.journey_id, at=row.at, value=row.value)
+            for row in await select_goals(connection, enrollment_ids)
+        ],
+        events=[
+            EventView(
+                message_id=row.message_id,
+                type=row.type,
+                name=row.name,
+                timestamp=row.timestamp,
+                received_at=row.received_at,
+                processed_at=row.processed_at,
+                error=row.error,
+            )
+            for row in await select_recent_events(connection, lead.id, RECENT_EVENTS)
+        ],
+    )
+
+
+def _by_enrollment(rows: Sequence[Record]) -> defaultdict[int, list[Record]]:
+    grouped: defaultdict[int, list[Record]] = defaultdict(list)
+    for row in rows:
+        grouped[row.enrollment_id].append(row)
+    return grouped
+
+
+def _timeout_target(book: JourneyBook, enrollment: Record, timer: Record) -> str | None:
+    """The stage a pending timeout leads to, read from the journey version the lead runs on."""
+    journey = book.versions.get((enrollment.journey_id, enrollment.version))
+    stage = journey.stage_by_id.get(timer.stage) if journey is not None else None
+    if stage is None or not 0 <= timer.transition < len(stage.transitions):
+        return None
+    target: str = stage.transitions[timer.transition].to
+    return target
+
+
+# --- the queries -------------------------------------------------------------------------------
+
+
+async def select_survivors(
+    connection: AsyncConnection, lead_ids: Collection[int]
+) -> dict[int, Record]:
+    """For each id, the lead that survives it: itself, or the end of its `merged_into` chain.
+
+    Unknown ids are left out. One query per level of merging, usually one in all.
+    """
+    rows: dict[int, Record] = {}
+    wanted = set(lead_ids)
+    for _ in range(MAX_MERGE_DEPTH):
+        if not wanted:
+            break
+        result = await connection.execute(select(LEADS).where(LEADS.c.id.in_(wanted)))
+        rows.update((row.id, row) for row in result)
+        wanted = {
+            row.merged_into
+            for row in rows.values()
+            if row.merged_into is not None and row.merged_into not in rows
+        }
+    survivors: dict[int, Record] = {}
+    for lead_id in lead_ids:
+        row = rows.get(lead_id)
+        for _ in range(MAX_MERGE_DEPTH):
+            if row is None or row.merged_into is None:
+                break
+            row = rows.get(row.merged_into)
+        if row is not None and row.merged_into is None:
+            survivors[lead_id] = row
+    return survivors
+
+
+async def select_merged_ids(connection: AsyncConnection, lead_id: int) -> list[int]:
+    """The leads merged into this one, directly or through others."""
+    merged: list[int] = []
+    frontier = [lead_id]
+    for _ in range(MAX_MERGE_DEPTH):
+        result = await connection.execute(
+            select(LEADS.c.id).where(LEADS.c.merged_into.in_(frontier)).order_by(LEADS.c.id)
+        )
+        frontier = [id_ for id_ in result.scalars() if id_ not in merged and id_ != lead_id]
+        if not frontier:
+            break
+        merged.extend(frontier)
+    return sorted(merged)
+
+
+async def select_recent_leads(connection: AsyncConnection, limit: int) -> list[Record]:
+    result = await connection.execute(
+        select(LEADS)
+        .where(LEADS.c.merged_into.is_(None))
+        .order_by(LEADS.c.created_at.desc(), LEADS.c.id.desc())
+        .limit(limit)
+    )
+    return list(result)
+
+
+async def select_lead_ids_by_identity(
+    connection: AsyncConnection, kind: str, value: str
+) -> set[int]:
+    result = await connection.execute(
+        select(IDENTITIES.c.lead_id).where(IDENTITIES.c.kind == kind, IDENTITIES.c.value == value)
+    )
+    return set(result.scalars())
+
+
+async def select_lead_ids_by_email(connection: AsyncConnection, email: str) -> set[int]:
+    result = await connection.execute(select(LEADS.c.id).where(LEADS.c.email == email))
+    return set(result.scalars())
+
+
+async def select_identities(
+    connection: AsyncConnection, lead_ids: Sequence[int]
+) -> defaultdict[int, list[Record]]:
+    """Each lead's ids, oldest first."""
+    grouped: defaultdict[int, list[Record]] = defaultdict(list)
+    if not lead_ids:
+        return grouped
+    result = await connection.execute(
+        select(IDENTITIES.c.lead_id, IDENTITIES.c.kind, IDENTITIES.c.value)
+        .where(IDENTITIES.c.lead_id.in_(lead_ids))
+        .order_by(IDENTITIES.c.created_at, IDENTITIES.c.kind, IDENTITIES.c.value)
+    )
+    for row in result:
+        grouped[row.lead_id].append(row)
+    return grouped
+
+
+async def select_enrollments(connection: AsyncConnection, lead_id: int) -> list[Record]:
+    """Newest first."""
+    result = await connection.execute(
+        select(ENROLLMENTS)
+        .where(ENROLLMENTS.c.lead_id == lead_id)
+        .order_by(ENROLLMENTS.c.entered_at.desc(), ENROLLMENTS.c.id.desc())
+    )
+    return list(result)
+
+
+async def select_transitions(
+    connection: AsyncConnection, enrollment_ids: Sequence[int]
+) -> list[Record]:
+    """Oldest first."""
+    if not enrollment_ids:
+        return []
+    result = await connection.execute(
+        select(TRANSITIONS)
+        .where(TRANSITIONS.c.enrollment_id.in_(enrollment_ids))
+        .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id)
+    )
+    return list(result)
+
+
+async def select_timers(connection: AsyncConnection, lead_id: int) -> list[Record]:
+    result = await connection.execute(
+        select(TIMERS).where(TIMERS.c.lead_id == lead_id).order_by(TIMERS.c.due_at, TIMERS.c.id)
+    )
+    return list(result)
+
+
+async def select_audiences(connection: AsyncConnection, lead_id: int) -> list[Record]:
+    result = await connection.execute(
+        select(AUDIENCE_MEMBERS)
+        .where(AUDIENCE_MEMBERS.c.lead_id == lead_id)
+        .order_by(AUDIENCE_MEMBERS.c.added_at, AUDIENCE_MEMBERS.c.audience)
+    )
+    return list(result)
+
+
+async def select_outbox(connection: AsyncConnection, lead_id: int) -> list[Record]:
+    result = await connection.execute(
+        select(OUTBOX).where(OUTBOX.c.lead_id == lead_id).order_by(OUTBOX.c.created_at, OUTBOX.c.id)
+    )
+    return list(result)
+
+
+async def select_goals(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> list[Record]:
+    if not enrollment_ids:
+        return []
+    result = await connection.execute(
+        select(GOALS)
+        .where(GOALS.c.enrollment_id.in_(enrollment_ids))
+        .order_by(GOALS.c.at, GOALS.c.id)
+    )
+    return list(result)
+
+
+async def select_recent_events(
+    connection: AsyncConnection, lead_id: int, limit: int
+) -> list[Record]:
+    result = await connection.execute(
+        select(
+            EVENTS.c.message_id,
+            EVENTS.c.type,
+            EVENTS.c.name,
+            EVENTS.c.timestamp,
+            EVENTS.c.received_at,
+            EVENTS.c.processed_at,
+            EVENTS.c.error,
+        )
+        .where(EVENTS.c.lead_id == lead_id)
+        .order_by(EVENTS.c.timestamp.desc(), EVENTS.c.id.desc())
+        .limit(limit)
+    )
+    return list(result)

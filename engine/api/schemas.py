@@ -1,0 +1,245 @@
+"""The shapes of the HTTP API, as pydantic models so that /docs shows them.
+
+Tracking bodies are parsed by `engine.ingest.messages` (faster, with precise
+reasons); their models here only describe the contract in the OpenAPI document.
+The admin answers are validated through their models on the way out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Id = str | int
+JsonObject = dict[str, Any]
+
+
+# --- tracking request bodies (documentation) -----------------------------------------------------
+
+
+class _Call(BaseModel):
+    """What every Segment call may carry; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    userId: Id | None = Field(None, description="Your id for the person, once known.")
+    anonymousId: Id | None = Field(None, description="The browser's or device's id.")
+    messageId: Id | None = Field(None, description="Deduplicates: a repeated id is ignored.")
+    timestamp: datetime | None = Field(
+        None, description="When it happened (ISO-8601; without an offset, UTC)."
+    )
+    sentAt: datetime | None = Field(
+        None, description="When the client sent it; corrects the client's clock skew."
+    )
+    context: JsonObject | None = None
+    writeKey: str | None = Field(None, description="The write key, when not sent as HTTP Basic.")
+
+
+class TrackCall(_Call):
+    event: Annotated[str, Field(min_length=1, max_length=200)]
+    properties: JsonObject | None = None
+
+
+class PageCall(_Call):
+    name: str | None = None
+    properties: JsonObject | None = Field(
+        None, description="path, url, title, referrer...; `path` is derived from `url` if absent."
+    )
+
+
+class ScreenCall(PageCall):
+    pass
+
+
+class IdentifyCall(_Call):
+    traits: JsonObject | None = Field(
+        None, description="email, phone, first_name, last_name, city, country, timezone..."
+    )
+
+
+class AliasCall(_Call):
+    previousId: Id
+    userId: Id
+
+
+class TrackItem(TrackCall):
+    type: Literal["track"]
+
+
+class PageItem(PageCall):
+    type: Literal["page"]
+
+
+class ScreenItem(ScreenCall):
+    type: Literal["screen"]
+
+
+class IdentifyItem(IdentifyCall):
+    type: Literal["identify"]
+
+
+class AliasItem(AliasCall):
+    type: Literal["alias"]
+
+
+BatchItem = Annotated[
+    TrackItem | PageItem | ScreenItem | IdentifyItem | AliasItem, Field(discriminator="type")
+]
+
+
+class BatchCall(BaseModel):
+    batch: Annotated[list[BatchItem], Field(min_length=1)]
+    context: JsonObject | None = Field(None, description="Merged under each message's context.")
+    writeKey: str | None = None
+
+
+# --- tracking answers ----------------------------------------------------------------------------
+
+
+class Accepted(BaseModel):
+    success: Literal[True] = True
+
+
+class RejectedMessage(BaseModel):
+    index: int
+    messageId: str | None
+    error: str
+
+
+class BatchAccepted(BaseModel):
+    success: Literal[True] = True
+    accepted: int
+    rejected: list[RejectedMessage]
+
+
+class TrackingError(BaseModel):
+    success: Literal[False] = False
+    error: str
+    accepted: int | None = Field(None, description="Batch only: none of its messages was stored.")
+    rejected: list[RejectedMessage] | None = None
+
+
+# --- admin answers -------------------------------------------------------------------------------
+
+
+class StageSummary(BaseModel):
+    id: str
+    name: str
+    phase: str
+    terminal: bool
+
+
+class SegmentSummary(BaseModel):
+    name: str
+    description: str | None
+    jobs: list[str]
+
+
+class JourneySummary(BaseModel):
+    id: str
+    name: str
+    version: int
+    versions: list[int]
+    retired: bool
+    segment: SegmentSummary | None
+    stages: list[StageSummary]
+
+
+class LeadSummary(BaseModel):
+    id: int
+    user_id: str | None
+    anonymous_ids: list[str]
+    traits: JsonObject
+    created_at: datetime
+    updated_at: datetime
+
+
+class TimerView(BaseModel):
+    due_at: datetime
+    stage: str
+    to: str | None = Field(None, description="The stage the timeout moves to, when known.")
+
+
+class HistoryEntry(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str | None = Field(alias="from")
+    to: str | None
+    at: datetime
+    cause: JsonObject
+
+
+class EnrollmentView(BaseModel):
+    journey: str
+    version: int
+    entry: int
+    stage: str
+    state: str = Field(description="active, exited or completed")
+    entered_at: datetime
+    stage_entered_at: datetime
+    ended_at: datetime | None
+    timers: list[TimerView]
+    history: list[HistoryEntry]
+
+
+class AudienceView(BaseModel):
+    name: str
+    journey: str
+    added_at: datetime
+    removed_at: datetime | None
+
+
+class EmailView(BaseModel):
+    template: str
+    journey: str
+    status: str
+    queued_at: datetime
+
+
+class OfferView(BaseModel):
+    offer: str
+    journey: str
+    status: str
+    queued_at: datetime
+
+
+class SequenceView(BaseModel):
+    sequence: str
+    action: Literal["sequence.start", "sequence.stop"]
+    journey: str
+    status: str
+    queued_at: datetime
+
+
+class GoalView(BaseModel):
+    journey: str
+    at: datetime
+    value: float | None
+
+
+class EventView(BaseModel):
+    message_id: str
+    type: str
+    name: str
+    timestamp: datetime
+    received_at: datetime
+    processed_at: datetime | None
+    error: str | None
+
+
+class LeadDetail(LeadSummary):
+    user_ids: list[str]
+    merged_ids: list[int]
+    journeys: list[EnrollmentView]
+    audiences: list[AudienceView]
+    emails: list[EmailView]
+    offers: list[OfferView]
+    sequences: list[SequenceView]
+    goals: list[GoalView]
+    events: list[EventView]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]

@@ -1,0 +1,56 @@
+"""Configuration from the environment (the CJM_* variables of the SPEC)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cjm.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    journeys_dir: Path = Path("journeys")
+    templates_dir: Path = Path("templates/emails")
+    smtp_url: str | None = None
+    email_from: str = "cjm <cjm@localhost>"
+    base_url: str = "http://127.0.0.1:8000"
+    write_key: str | None = None
+    admin_key: str | None = None
+    signing_secret: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_timezone: str = "UTC"
+    default_region: str | None = None
+    frequency_cap: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(f"CJM_{name}", "").strip()
+            return value or None
+
+        port = get("PORT")
+        if port is not None and not port.isdigit():
+            raise ValueError(f"CJM_PORT must be a port number, not {port!r}")
+        return cls(
+            database_url=get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            journeys_dir=Path(get("JOURNEYS_DIR") or "journeys"),
+            templates_dir=Path(get("TEMPLATES_DIR") or "templates/emails"),
+            smtp_url=get("SMTP_URL"),
+            email_from=get("EMAIL_FROM") or cls.email_from,
+            base_url=(get("BASE_URL") or cls.base_url).rstrip("/"),
+            write_key=get("WRITE_KEY"),
+            admin_key=get("ADMIN_KEY"),
+            signing_secret=get("SIGNING_SECRET"),
+            host=get("HOST") or cls.host,
+            port=int(port) if port else cls.port,
+            default_timezone=get("DEFAULT_TIMEZONE") or cls.default_timezone,
+            default_region=get("DEFAULT_REGION"),
+            frequency_cap=get("FREQUENCY_CAP"),
+        )

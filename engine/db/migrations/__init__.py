@@ -1,0 +1,1 @@
+"""Alembic's migration environment; a package so the migrations ship with cjm."""

@@ -1,0 +1,358 @@
+"""The worker's queries, named and kept together: the database contract in one place.
+
+Every function takes an open connection inside the caller's transaction. Claims lock
+`leads` rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL, so any number of workers
+share the load and a lead is processed by one transaction at a time; the lock is
+released by the commit, or by the database when a worker dies. SQLite renders no
+locking clause: there the writer connection's `BEGIN IMMEDIATE` serializes all work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, bindparam, case, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.db.schema import (
+    audience_members,
+    enrollments,
+    events,
+    goals,
+    identities,
+    leads,
+    outbox,
+    timers,
+    transitions,
+)
+
+# Candidate leads are read from a window of the oldest pending work this many times
+# larger than the claim, so that workers skipping each other's locked leads still fill
+# their batch.
+WINDOW_FACTOR = 4
+# Bound on bound parameters in one IN list (SQLite allows 32,766).
+CHUNK = 5_000
+
+
+def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def upsert(connection: AsyncConnection, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that supports ON CONFLICT on both databases."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+# --- claims --------------------------------------------------------------------------------------
+
+
+async def _lock_leads(connection: AsyncConnection, window: Select[Any], limit: int) -> list[int]:
+    claim = (
+        select(leads.c.id)
+        .where(leads.c.id.in_(window.scalar_subquery()))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await connection.scalars(claim)).all())
+
+
+async def claim_leads_with_events(connection: AsyncConnection, limit: int) -> list[int]:
+    window = (
+        select(events.c.lead_id)
+        .where(events.c.processed_at.is_(None))
+        .order_by(events.c.id)
+        .limit(limit * WINDOW_FACTOR)
+    )
+    return await _lock_leads(connection, window, limit)
+
+
+async def claim_leads_with_due_timers(
+    connection: AsyncConnection, now: datetime, limit: int
+) -> list[int]:
+    window = (
+        select(timers.c.lead_id)
+        .where(timers.c.due_at <= now)
+        .order_by(timers.c.due_at)
+        .limit(limit * WINDOW_FACTOR)
+    )
+    return await _lock_leads(connection, window, limit)
+
+
+async def claim_leads_on_old_versions(
+    connection: AsyncConnection, journey_id: str, version: int, stages: Sequence[str], limit: int
+) -> list[int]:
+    """Leads active on an older version of the journey, in a stage the current one has."""
+    window = (
+        select(enrollments.c.lead_id)
+        .where(
+            enrollments.c.journey_id == journey_id,
+            enrollments.c.state == "active",
+            enrollments.c.version != version,
+            enrollments.c.stage.in_(stages),
+        )
+        .limit(limit * WINDOW_FACTOR)
+    )
+    return await _lock_leads(connection, window, limit)
+
+
+async def lock_lead(connection: AsyncConnection, lead_id: int) -> bool:
+    """Lock one more lead in this transaction, unless another worker holds it."""
+    found = await connection.scalar(
+        select(leads.c.id).where(leads.c.id == lead_id).with_for_update(skip_locked=True)
+    )
+    return found is not None
+
+
+# --- loading a batch -----------------------------------------------------------------------------
+
+
+async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
+    rows: list[Any] = []
+    for part in chunks(lead_ids):
+        rows.extend(
+            await connection.execute(
+                select(leads.c.id, leads.c.traits, leads.c.watermark, leads.c.merged_into).where(
+                    leads.c.id.in_(part)
+                )
+            )
+        )
+    return rows
+
+
+async def load_pending_events(
+    connection: AsyncConnection, lead_ids: Sequence[int], limit: int
+) -> list[Any]:
+    """Pending events of the leads, each lead's in timestamp then arrival order."""
+    query = (
+        select(
+            events.c.id,
+            events.c.lead_id,
+            events.c.name,
+            events.c.timestamp,
+            events.c.message_id,
+            events.c.data,
+        )
+        .where(events.c.lead_id.in_(bindparam("ids", expanding=True)))
+        .where(events.c.processed_at.is_(None))
+        .order_by(events.c.lead_id, events.c.timestamp, events.c.id)
+        .limit(limit)
+    )
+    rows: list[Any] = []
+    for part in chunks(lead_ids):
+        rows.extend(await connection.execute(query, {"ids": list(part)}))
+    return rows
+
+
+async def load_due_timers(
+    connection: AsyncConnection, lead_ids: Sequence[int], now: datetime
+) -> list[Any]:
+    rows: list[Any] = []
+    for part in chunks(lead_ids):
+        rows.extend(
+            await connection.execute(
+                select(
+                    timers.c.id,
+                    timers.c.lead_id,
+                    timers.c.due_at,
+                    timers.c.stage,
+                    timers.c.epoch,
+                    timers.c.transition,
+                    enrollments.c.journey_id,
+                    enrollments.c.entry_no,
+                )
+                .join(enrollments, enrollments.c.id == timers.c.enrollment_id)
+                .where(timers.c.lead_id.in_(part), timers.c.due_at <= now)
+            )
+        )
+    return rows
+
+
+async def load_enrollments(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
+    rows: list[Any] = []
+    for part in chunks(lead_ids):
+        rows.extend(
+            await connection.execute(select(enrollments).where(enrollments.c.lead_id.in_(part)))
+        )
+    return rows
+
+
+async def merges_pending(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
+    """(lead_id, merge_lead_id) of pending events that say two leads are one person."""
+    rows: list[Any] = []
+    for part in chunks(lead_ids):
+        rows.extend(
+            await connection.execute(
+                select(events.c.lead_id, events.c.merge_lead_id)
+                .where(
+                    events.c.lead_id.in_(part),
+                    events.c.processed_at.is_(None),
+                    events.c.merge_lead_id.is_not(None),
+                )
+                .order_by(events.c.timestamp, events.c.id)
+            )
+        )
+    return rows
+
+
+# --- writing a batch -----------------------------------------------------------------------------
+
+
+async def mark_processed(
+    connection: AsyncConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
+) -> None:
+    for part in chunks(event_ids):
+        await connection.execute(
+            update(events).where(events.c.id.in_(part)).values(processed_at=now, error=error)
+        )
+
+
+async def _update_by_id(
+    connection: AsyncConnection, table: Any, columns: Sequence[str], rows: list[dict[str, Any]]
+) -> None:
+    """One UPDATE ... WHERE id = ? executed for many rows (each row: id and `columns`)."""
+    if not rows:
+        return
+    # Bound names must differ from column names in an UPDATE's SET clause.
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("_id"))
+        .values({column: bindparam(f"_{column}") for column in columns})
+    )
+    await connection.execute(
+        statement, [{f"_{key}": value for key, value in row.items()} for row in rows]
+    )
+
+
+async def update_leads(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """rows: {id, traits, email, watermark, updated_at}."""
+    await _update_by_id(connection, leads, ("traits", "email", "watermark", "updated_at"), rows)
+
+
+async def insert_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+    """The new rows' ids, in the order given."""
+    if not rows:
+        return []
+    result = await connection.execute(
+        insert(enrollments).returning(enrollments.c.id, sort_by_parameter_order=True), rows
+    )
+    return list(result.scalars().all())
+
+
+ENROLLMENT_CHANGES = (
+    "version",
+    "stage",
+    "state",
+    "epoch",
+    "stage_entered_at",
+    "ended_at",
+    "sequences",
+)
+
+
+async def update_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """rows: {id, and each of ENROLLMENT_CHANGES}."""
+    await _update_by_id(connection, enrollments, ENROLLMENT_CHANGES, rows)
+
+
+async def insert_rows(connection: AsyncConnection, table: Any, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await connection.execute(insert(table), rows)
+
+
+async def insert_transitions(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    await insert_rows(connection, transitions, rows)
+
+
+async def insert_goals(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    await insert_rows(connection, goals, rows)
+
+
+async def insert_timers(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    await insert_rows(connection, timers, rows)
+
+
+async def delete_timers(connection: AsyncConnection, timer_ids: Sequence[int]) -> None:
+    for part in chunks(timer_ids):
+        await connection.execute(delete(timers).where(timers.c.id.in_(part)))
+
+
+async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> None:
+    for part in chunks(enrollment_ids):
+        await connection.execute(delete(timers).where(timers.c.enrollment_id.in_(part)))
+
+
+async def insert_outbox(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Channel actions; one that ran already for its idempotency key is ignored."""
+    if rows:
+        statement = upsert(connection, outbox).on_conflict_do_nothing(
+            index_elements=["idempotency_key"]
+        )
+        await connection.execute(statement, rows)
+
+
+async def add_to_audiences(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """rows: {audience, lead_id, journey_id, added_at, removed_at}. A current member keeps
+    its original add time; a former member is added again from now."""
+    if not rows:
+        return
+    statement = upsert(connection, audience_members)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=["audience", "lead_id"],
+        set_={
+            "journey_id": excluded.journey_id,
+            # A current member keeps the time it joined.
+            "added_at": case(
+                (audience_members.c.removed_at.is_(None), audience_members.c.added_at),
+                else_=excluded.added_at,
+            ),
+            "removed_at": excluded.removed_at,
+        },
+    )
+    await connection.execute(statement, rows)
+
+
+async def remove_from_audiences(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """rows: {audience, lead_id, removed_at}; only current members are removed."""
+    if rows:
+        await connection.execute(
+            update(audience_members)
+            .where(
+                and_(
+                    audience_members.c.audience == bindparam("a_audience"),
+                    audience_members.c.lead_id == bindparam("a_lead"),
+                    audience_members.c.removed_at.is_(None),
+                )
+            )
+            .values(removed_at=bindparam("a_removed_at")),
+            [
+                {
+                    "a_audience": row["audience"],
+                    "a_lead": row["lead_id"],
+                    "a_removed_at": row["removed_at"],
+                }
+                for row in rows
+            ],
+        )
+
+
+async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
+    """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
+    await connection.execute(
+        update(identities).where(identities.c.lead_id == absorbed).values(lead_id=survivor)
+    )
+    await connection.execute(
+        update(events)
+        .where(events.c.lead_id == absorbed, events.c.processed_at.is_(None))
+        .values(lead_id=survivor)
+    )
+    for table in (enrollments, timers, outbox):
+        await connection.execute(
+            update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)
+        )

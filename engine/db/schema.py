@@ -1,0 +1,228 @@
+"""The tables: the engine's whole durable state, the one part processes share.
+
+Instants are `Instant` (integer microseconds, UTC). Rows that the worker writes in
+bulk use database-generated integer ids.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, cast
+
+from sqlalchemy import JSON, Float, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from engine.db.types import BigId, Instant
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: Instant, dict[str, Any]: JSON}
+
+
+class Lead(Base):
+    """One person, however many ids they were seen under."""
+
+    __tablename__ = "leads"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    traits: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Lowercased copy of traits.email, for look-ups.
+    email: Mapped[str | None] = mapped_column(String(320), index=True)
+    # The latest event time applied to this lead: an older event is late.
+    watermark: Mapped[datetime | None]
+    # Set when this lead was merged into another (identify / alias); rows moved there.
+    merged_into: Mapped[int | None] = mapped_column(BigId)
+    merged_at: Mapped[datetime | None]
+
+
+class Identity(Base):
+    """A userId or anonymousId, and the lead it routes to."""
+
+    __tablename__ = "identities"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # user | anon
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+    lead_id: Mapped[int] = mapped_column(BigId, index=True)
+    created_at: Mapped[datetime]
+
+
+class Event(Base):
+    """The inbox: every accepted message, kept; `processed_at` is null until applied."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_lead_id_timestamp", "lead_id", "timestamp"),
+        Index(
+            "ix_events_pending",
+            "id",
+            sqlite_where=text("processed_at IS NULL"),
+            postgresql_where=text("processed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(256), unique=True)
+    lead_id: Mapped[int] = mapped_column(BigId)
+    type: Mapped[str] = mapped_column(String(16))  # track page screen identify alias internal
+    name: Mapped[str] = mapped_column(String(200))
+    timestamp: Mapped[datetime]
+    received_at: Mapped[datetime]
+    user_id: Mapped[str | None] = mapped_column(String(256))
+    anonymous_id: Mapped[str | None] = mapped_column(String(256))
+    # properties, context, traits, previous_id: the message as the worker needs it.
+    data: Mapped[dict[str, Any]]
+    # The lead this message says is the same person, to be merged into lead_id.
+    merge_lead_id: Mapped[int | None] = mapped_column(BigId)
+    processed_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class JourneyVersion(Base):
+    """Every journey version ever run, so leads on an old version keep running on it."""
+
+    __tablename__ = "journey_versions"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checksum: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    loaded_at: Mapped[datetime]
+
+
+class Enrollment(Base):
+    """One run of one lead through one journey."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        Index("uq_enrollments_lead", "lead_id", "journey_id", "entry_no", unique=True),
+        Index(
+            "uq_enrollments_active",
+            "lead_id",
+            "journey_id",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+        Index("ix_enrollments_journey_id_stage", "journey_id", "stage"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    lead_id: Mapped[int] = mapped_column(BigId)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    entry_no: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # active | exited | completed
+    # Counts stage entries; a timer carries the epoch it was started in.
+    epoch: Mapped[int] = mapped_column(Integer)
+    entered_at: Mapped[datetime]
+    stage_entered_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    sequences: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class Transition(Base):
+    """The history: every move of an enrollment, with its cause."""
+
+    __tablename__ = "transitions"
+    __table_args__ = (Index("ix_transitions_journey_id_at", "journey_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    enrollment_id: Mapped[int] = mapped_column(BigId, index=True)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    from_stage: Mapped[str | None] = mapped_column(String(64))
+    to_stage: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime]
+    cause: Mapped[dict[str, Any]]
+
+
+class Timer(Base):
+    """A stage timeout waiting to fire; deleted when it fires or the stage is left."""
+
+    __tablename__ = "timers"
+    __table_args__ = (Index("ix_timers_lead_id_due_at", "lead_id", "due_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    due_at: Mapped[datetime] = mapped_column(index=True)
+    lead_id: Mapped[int] = mapped_column(BigId)
+    enrollment_id: Mapped[int] = mapped_column(BigId, index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(Integer)
+    transition: Mapped[int] = mapped_column(Integer)
+
+
+class Outbox(Base):
+    """Effects for the channels, written in the transaction of the step that caused them."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_status_created_at", "status", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    lead_id: Mapped[int] = mapped_column(BigId, index=True)
+    enrollment_id: Mapped[int] = mapped_column(BigId)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))  # email.send sequence.start ...
+    target: Mapped[str] = mapped_column(String(64))  # the template, sequence or offer
+    status: Mapped[str] = mapped_column(String(16))  # pending, then per channel
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class AudienceMember(Base):
+    """Membership of a lead in a retargeting audience, with add and remove times."""
+
+    __tablename__ = "audience_members"
+
+    audience: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lead_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    added_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]  # null while the lead is a member
+
+
+class GoalReached(Base):
+    """One goal event of a lead enrolled in a journey: the deals behind C, P and Q."""
+
+    __tablename__ = "goals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    enrollment_id: Mapped[int] = mapped_column(BigId, index=True)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(256))
+    at: Mapped[datetime]
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    """The write and admin keys, stored as SHA-256 hashes only."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+# The Core tables, for the engine's bulk queries.
+leads = cast(Table, Lead.__table__)
+identities = cast(Table, Identity.__table__)
+events = cast(Table, Event.__table__)
+journey_versions = cast(Table, JourneyVersion.__table__)
+enrollments = cast(Table, Enrollment.__table__)
+transitions = cast(Table, Transition.__table__)
+timers = cast(Table, Timer.__table__)
+outbox = cast(Table, Outbox.__table__)
+audience_members = cast(Table, AudienceMember.__table__)
+goals = cast(Table, GoalReached.__table__)
+api_keys = cast(Table, ApiKey.__table__)

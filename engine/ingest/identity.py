@@ -1,0 +1,267 @@
+"""Which lead each message belongs to: identity resolution inside the ingest transaction.
+
+A person is seen under anonymous ids (one per browser) and user ids (once they sign
+in). The `identities` table routes each id to one lead. Resolution reads every id of
+a group in a couple of queries, applies the rules below in message order to a local
+map (so a message sees the ids the messages before it mapped), and writes the new
+leads and identities in two multi-row inserts.
+
+Ingest never moves data between leads: when a message shows that two leads are one
+person, its event carries `merge_lead_id` and the worker merges, in event order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Column, Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.db.schema import Identity, Lead
+from engine.ingest.messages import Message
+
+USER = "user"
+ANON = "anon"
+Key = tuple[str, str]  # (USER | ANON, the id)
+
+IDENTITIES = cast(Table, Identity.__table__)
+LEADS = cast(Table, Lead.__table__)
+
+# Bound parameters per IN list: far below SQLite's and asyncpg's limits of ~32k.
+CHUNK = 5_000
+# Each retry means another process mapped one of our ids between our read and our write.
+ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one message goes: its lead, and the lead it says is the same person."""
+
+    lead_id: int
+    merge_lead_id: int | None = None
+
+
+class IdentityRace(RuntimeError):
+    """Other processes kept mapping this group's ids first; the group is retried by its callers."""
+
+
+@dataclass
+class IdentityPlan:
+    """The rules applied to one group: pure data, before anything is written.
+
+    Lead references below zero stand for leads still to be created (-1 the first).
+    """
+
+    routes: list[Route] = field(default_factory=list)
+    new_leads: int = 0
+    new_identities: dict[Key, int] = field(default_factory=dict)
+
+
+def keys_of(message: Message) -> Iterator[Key]:
+    """Every identity a message may look up."""
+    if message.user_id is not None:
+        yield (USER, message.user_id)
+    if message.anonymous_id is not None:
+        yield (ANON, message.anonymous_id)
+    if message.previous_id is not None:
+        yield (USER, message.previous_id)
+        yield (ANON, message.previous_id)
+
+
+def plan_routes(
+    messages: Sequence[Message], known: Mapping[Key, int], identified: AbstractSet[int]
+) -> IdentityPlan:
+    """Apply the identity rules in message order.
+
+    `known` maps the ids already stored to their leads; `identified` holds the leads
+    among them that have a user id (an anonymous lead may be claimed by a user id,
+    an identified one belongs to someone else).
+    """
+    planner = _Planner(known, identified)
+    for message in messages:
+        route = planner.alias(message) if message.type == "alias" else planner.route(message)
+        planner.plan.routes.append(route)
+    return planner.plan
+
+
+class _Planner:
+    def __init__(self, known: Mapping[Key, int], identified: AbstractSet[int]) -> None:
+        self.plan = IdentityPlan()
+        self._leads = dict(known)
+        self._identified = set(identified)
+
+    def route(self, message: Message) -> Route:
+        anon = (ANON, message.anonymous_id) if message.anonymous_id is not None else None
+        anon_lead = self._leads.get(anon) if anon is not None else None
+        if message.user_id is None:
+            if anon_lead is not None:
+                return Route(anon_lead)
+            assert anon is not None  # a message has a userId or an anonymousId
+            return Route(self._new_lead(anon))
+
+        user = (USER, message.user_id)
+        user_lead = self._leads.get(user)
+        if user_lead is None:
+            if anon_lead is not None and anon_lead not in self._identified:
+                # The anonymous visitor signs in: same lead, now identified.
+                self._map(user, anon_lead)
+                return Route(anon_lead)
+            user_lead = self._new_lead(user)
+        if anon is not None:
+            if anon_lead is None:
+                self._map(anon, user_lead)
+            elif anon_lead != user_lead and anon_lead not in self._identified:
+                # A known user on a browser that has its own anonymous lead: one person.
+                return Route(user_lead, merge_lead_id=anon_lead)
+        return Route(user_lead)
+
+    def alias(self, message: Message) -> Route:
+        """`previousId` is now `userId`: an explicit merge, even of identified leads."""
+        assert message.user_id is not None and message.previous_id is not None
+        user = (USER, message.user_id)
+        previous_lead = self._leads.get((USER, message.previous_id))
+        if previous_lead is None:
+            previous_lead = self._leads.get((ANON, message.previous_id))
+        user_lead = self._leads.get(user)
+        if user_lead is None:
+            if previous_lead is not None:
+                # The new id joins the lead of the old one: nothing to merge.
+                self._map(user, previous_lead)
+                return Route(previous_lead)
+            user_lead = self._new_lead(user)
+        if previous_lead is None:
+            self._map((USER, message.previous_id), user_lead)
+            self._map((ANON, message.previous_id), user_lead)
+        elif previous_lead != user_lead:
+            return Route(user_lead, merge_lead_id=previous_lead)
+        return Route(user_lead)
+
+    def _new_lead(self, key: Key) -> int:
+        self.plan.new_leads += 1
+        lead = -self.plan.new_leads
+        self._map(key, lead)
+        return lead
+
+    def _map(self, key: Key, lead: int) -> None:
+        self._leads[key] = lead
+        self.plan.new_identities[key] = lead
+        if key[0] == USER:
+            self._identified.add(lead)
+
+
+async def resolve_leads(
+    connection: AsyncConnection, messages: Sequence[Message], now: datetime
+) -> list[Route]:
+    """The route of each message, with new leads and identities written (not committed).
+
+    Another API process may map one of the same ids between our read and our write:
+    then our inserts are rolled back to a savepoint and the group is planned again
+    against the ids as they are now.
+    """
+    keys = {key for message in messages for key in keys_of(message)}
+    for _ in range(ATTEMPTS):
+        known = await select_known_identities(connection, keys)
+        identified = await select_identified_leads(
+            connection, {lead for (kind, _), lead in known.items() if kind == ANON}
+        )
+        plan = plan_routes(messages, known, identified)
+        if not plan.new_identities:
+            return plan.routes
+        savepoint = await connection.begin_nested()
+        lead_ids = await insert_leads(connection, plan.new_leads, now)
+        identities = {key: _real(lead, lead_ids) for key, lead in plan.new_identities.items()}
+        if await insert_identities(connection, identities, now):
+            await savepoint.commit()
+            return [
+                Route(
+                    _real(route.lead_id, lead_ids),
+                    None if route.merge_lead_id is None else _real(route.merge_lead_id, lead_ids),
+                )
+                for route in plan.routes
+            ]
+        await savepoint.rollback()
+    raise IdentityRace(f"ids of this group kept being mapped by other processes ({ATTEMPTS} tries)")
+
+
+def _real(lead: int, new_lead_ids: Sequence[int]) -> int:
+    return new_lead_ids[-lead - 1] if lead < 0 else lead
+
+
+# --- the queries -------------------------------------------------------------------------------
+
+
+async def select_known_identities(
+    connection: AsyncConnection, keys: AbstractSet[Key]
+) -> dict[Key, int]:
+    known: dict[Key, int] = {}
+    for kind in (USER, ANON):
+        values = sorted(value for key_kind, value in keys if key_kind == kind)
+        for chunk in _chunks(values):
+            rows = await connection.execute(
+                select(IDENTITIES.c.value, IDENTITIES.c.lead_id).where(
+                    IDENTITIES.c.kind == kind, IDENTITIES.c.value.in_(chunk)
+                )
+            )
+            known.update(((kind, value), lead_id) for value, lead_id in rows)
+    return known
+
+
+async def select_identified_leads(
+    connection: AsyncConnection, lead_ids: AbstractSet[int]
+) -> set[int]:
+    """The leads among these that have a user id."""
+    identified: set[int] = set()
+    for chunk in _chunks(sorted(lead_ids)):
+        rows = await connection.execute(
+            select(IDENTITIES.c.lead_id)
+            .where(IDENTITIES.c.kind == USER, IDENTITIES.c.lead_id.in_(chunk))
+            .distinct()
+        )
+        identified.update(rows.scalars())
+    return identified
+
+
+async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -> list[int]:
+    """`count` new, empty leads; their ids (in no particular order: the rows are alike)."""
+    if count == 0:
+        return []
+    rows = [{"created_at": now, "updated_at": now, "traits": {}} for _ in range(count)]
+    result = await connection.execute(LEADS.insert().returning(LEADS.c.id), rows)
+    return list(result.scalars())
+
+
+async def insert_identities(
+    connection: AsyncConnection, identities: Mapping[Key, int], now: datetime
+) -> bool:
+    """Map each id to its lead; False when another process mapped one of them first.
+
+    Rows go in key order so that two processes inserting overlapping ids take their
+    locks in the same order and wait for each other instead of deadlocking.
+    """
+    rows: list[dict[str, Any]] = [
+        {"kind": kind, "value": value, "lead_id": lead_id, "created_at": now}
+        for (kind, value), lead_id in sorted(identities.items())
+    ]
+    statement = insert_or_ignore(
+        connection, IDENTITIES, IDENTITIES.c.kind, IDENTITIES.c.value
+    ).returning(IDENTITIES.c.kind)
+    result = await connection.execute(statement, rows)
+    return len(result.all()) == len(rows)
+
+
+def insert_or_ignore(
+    connection: AsyncConnection, table: Table, *unique: Column[Any]
+) -> postgresql.Insert | sqlite.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING, which both dialects spell alike but build apart."""
+    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=list(unique))
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]

@@ -1,0 +1,261 @@
+"""Segment messages: checked, normalised, and turned into `Message` values.
+
+Hand-written checks rather than a schema library: each failure names the field and
+what is wrong with it in words a client developer can act on, and the checks cost a
+few dictionary look-ups per message. Anything that would make the database refuse a
+row (over-long ids, NUL characters) is refused here, so one bad message can never
+fail the commit of the group it would have been written with.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import orjson
+
+MessageType = Literal["track", "page", "screen", "identify", "alias"]
+MESSAGE_TYPES: tuple[MessageType, ...] = ("track", "page", "screen", "identify", "alias")
+
+KB = 1024
+MAX_MESSAGE_BYTES = 32 * KB
+MAX_BATCH_BYTES = 500 * KB
+MAX_ID_LENGTH = 256  # identities.value, events.message_id
+MAX_EVENT_LENGTH = 200  # events.name
+
+
+class InvalidMessage(ValueError):
+    """A message (or a whole request body) that cannot be accepted, and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One accepted tracking call, as the inbox stores it."""
+
+    type: MessageType
+    name: str
+    message_id: str
+    user_id: str | None
+    anonymous_id: str | None
+    previous_id: str | None
+    timestamp: datetime
+    received_at: datetime
+    properties: dict[str, Any]
+    context: dict[str, Any]
+    traits: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A batch item refused on its own, while the rest of the batch is stored."""
+
+    index: int
+    message_id: str | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    messages: list[Message]
+    rejected: list[Rejection]
+
+
+def parse_json(raw: bytes) -> object:
+    try:
+        return cast(object, orjson.loads(raw))
+    except orjson.JSONDecodeError as error:
+        raise InvalidMessage(f"malformed JSON: {error}") from None
+
+
+def parse_message(
+    payload: object,
+    type_: MessageType,
+    received_at: datetime,
+    *,
+    batch_context: Mapping[str, Any] | None = None,
+) -> Message:
+    """Check one message of a known type and normalise it; raises `InvalidMessage`."""
+    if not isinstance(payload, dict):
+        raise InvalidMessage("a message must be a JSON object")
+    user_id = _identifier(payload, "userId")
+    anonymous_id = _identifier(payload, "anonymousId")
+    previous_id = None
+    if type_ == "alias":
+        previous_id = _identifier(payload, "previousId")
+        if previous_id is None or user_id is None:
+            raise InvalidMessage("an alias needs previousId and userId")
+    elif user_id is None and anonymous_id is None:
+        raise InvalidMessage("a message needs userId or anonymousId")
+
+    properties = _object(payload, "properties")
+    context = _object(payload, "context")
+    if batch_context:
+        context = {**batch_context, **context}
+    traits = _object(payload, "traits")
+    if type_ == "identify":
+        context_traits = context.get("traits")
+        if context_traits is not None and not isinstance(context_traits, dict):
+            raise InvalidMessage("`context.traits` must be an object")
+        if context_traits:
+            traits = {**context_traits, **traits}
+
+    if type_ == "track":
+        name = _event_name(payload.get("event"))
+    else:
+        name = type_
+        if type_ in ("page", "screen"):
+            properties = _page_properties(payload, properties)
+
+    return Message(
+        type=type_,
+        name=name,
+        message_id=_identifier(payload, "messageId") or str(uuid.uuid4()),
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        previous_id=previous_id,
+        timestamp=_event_time(payload, received_at),
+        received_at=received_at,
+        properties=properties,
+        context=context,
+        traits=traits,
+    )
+
+
+def parse_batch(payload: object, received_at: datetime) -> Batch:
+    """Check a `/v1/batch` body: whole-body faults raise, bad items are rejected alone."""
+    if not isinstance(payload, dict):
+        raise InvalidMessage("a batch must be a JSON object with a `batch` array")
+    items = payload.get("batch")
+    if not isinstance(items, list) or not items:
+        raise InvalidMessage("`batch` must be a non-empty array of messages")
+    batch_context = _object(payload, "context")
+    messages: list[Message] = []
+    rejected: list[Rejection] = []
+    for index, item in enumerate(items):
+        try:
+            messages.append(_batch_item(item, received_at, batch_context))
+        except InvalidMessage as error:
+            rejected.append(Rejection(index, _given_message_id(item), error.reason))
+    return Batch(messages, rejected)
+
+
+def _batch_item(item: object, received_at: datetime, batch_context: dict[str, Any]) -> Message:
+    if not isinstance(item, dict):
+        raise InvalidMessage("a message must be a JSON object")
+    type_ = item.get("type")
+    if type_ not in MESSAGE_TYPES:
+        raise InvalidMessage("`type` must be one of " + ", ".join(MESSAGE_TYPES))
+    if len(orjson.dumps(item)) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"message exceeds the {MAX_MESSAGE_BYTES // KB} KB limit")
+    return parse_message(item, cast(MessageType, type_), received_at, batch_context=batch_context)
+
+
+def _given_message_id(item: object) -> str | None:
+    if isinstance(item, dict):
+        given = item.get("messageId")
+        if isinstance(given, str | int) and not isinstance(given, bool):
+            return str(given)
+    return None
+
+
+def _identifier(payload: dict[str, Any], field: str) -> str | None:
+    """An id as a string; clients send numbers for database ids, so integers are stringified."""
+    value = payload.get(field)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidMessage(f"`{field}` must be a string or an integer")
+    text = str(value)
+    if len(text) > MAX_ID_LENGTH:
+        raise InvalidMessage(f"`{field}` is longer than {MAX_ID_LENGTH} characters")
+    if "\x00" in text:
+        raise InvalidMessage(f"`{field}` must not contain NUL characters")
+    return text
+
+
+def _object(payload: dict[str, Any], field: str) -> dict[str, Any]:
+    value = payload.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"`{field}` must be an object")
+    return value
+
+
+def _event_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMessage("`event` must be a non-empty string")
+    if len(value) > MAX_EVENT_LENGTH:
+        raise InvalidMessage(f"`event` is longer than {MAX_EVENT_LENGTH} characters")
+    if "\x00" in value:
+        raise InvalidMessage("`event` must not contain NUL characters")
+    return value
+
+
+def _page_properties(payload: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
+    """Fill `name` and `path` the way analytics.js does, so journeys can match on them."""
+    name = payload.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidMessage("`name` must be a string")
+    url = properties.get("url")
+    derive_path = "path" not in properties and isinstance(url, str)
+    if (name is None or "name" in properties) and not derive_path:
+        return properties
+    filled = dict(properties)
+    if name is not None:
+        filled.setdefault("name", name)
+    if derive_path:
+        filled["path"] = _url_path(cast(str, url))
+    return filled
+
+
+def _url_path(url: str) -> str:
+    try:
+        return urlsplit(url).path or "/"
+    except ValueError:
+        return "/"
+
+
+def _event_time(payload: dict[str, Any], received_at: datetime) -> datetime:
+    """When it happened: the client's time, corrected for its clock skew like Segment does.
+
+    `timestamp + (received_at - sentAt)` moves the client's clock onto ours; whatever
+    remains in the future is clamped to the moment we received the message.
+    """
+    timestamp = _instant(payload, "timestamp")
+    if timestamp is None:
+        return received_at
+    sent_at = _instant(payload, "sentAt")
+    if sent_at is not None:
+        try:
+            timestamp = timestamp + (received_at - sent_at)
+        except OverflowError:
+            raise InvalidMessage(f"bad timestamp {_shown(payload['timestamp'])}") from None
+    return min(timestamp, received_at)
+
+
+def _instant(payload: dict[str, Any], field: str) -> datetime | None:
+    """An ISO-8601 time as aware UTC; a time without an offset is taken to be UTC."""
+    value = payload.get(field)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        moment = datetime.fromisoformat(value)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidMessage(f"bad {field} {_shown(value)}") from None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

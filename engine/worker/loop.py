@@ -1,0 +1,95 @@
+"""The worker's schedule: events as they arrive, timers as they fall due.
+
+Events: a loop that processes batches while there are any, then waits for the inbox
+to say something was committed in this process (instant on the embedded SQLite
+setup) or for a short poll interval (other API processes on PostgreSQL).
+Timers: APScheduler's interval job sweeps due timers a few times a second, so a
+timeout fires well within a second of its due time. The timers themselves are rows
+(millions cost disk, not memory); APScheduler only runs the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from engine.worker.processor import Processor
+
+log = logging.getLogger("cjm.worker")
+
+SWEEP_INTERVAL_S = 0.2
+IDLE_POLL_S = 0.2
+ERROR_BACKOFF_S = 1.0
+
+
+class Worker:
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._old_versions_left = True
+
+    def wake(self) -> None:
+        """Something was committed to the inbox: look now rather than at the next poll."""
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._process_events(), name="cjm-events")
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=SWEEP_INTERVAL_S,
+            id="timer-sweep",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        self._scheduler.start()
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def sweep(self) -> None:
+        """Fire every due timer (and move leads off retired map versions), batch by batch."""
+        try:
+            while await self.processor.process_due_timers():
+                pass
+            if self._old_versions_left:
+                self._old_versions_left = await self.processor.process_old_versions() > 0
+        except Exception:
+            log.exception("timer sweep failed; retrying at the next sweep")
+
+    async def drain(self) -> None:
+        """Process until nothing is pending or due: for tests and one-shot runs."""
+        while (
+            await self.processor.process_events()
+            + await self.processor.process_due_timers()
+            + await self.processor.process_old_versions()
+        ):
+            pass
+
+    async def _process_events(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                processed = await self.processor.process_events()
+            except Exception:
+                log.exception("event processing failed; retrying")
+                await asyncio.sleep(ERROR_BACKOFF_S)
+                continue
+            if processed:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
