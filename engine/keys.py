@@ -13,18 +13,16 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.config import Settings
 from engine.db.database import Database
-from engine.db.schema import ApiKey
+from engine.db.queries import upsert
+from engine.db.schema import api_keys
 
 KeyName = Literal["write", "admin"]
 PREFIXES: dict[KeyName, str] = {"write": "wk_", "admin": "ak_"}
-
-API_KEYS = cast(Table, ApiKey.__table__)
 
 
 def digest(key: str) -> str:
@@ -97,7 +95,7 @@ class ApiKeys:
         key = generate(name)
         async with db.write() as connection:
             await connection.execute(
-                update(API_KEYS).where(API_KEYS.c.name == name).values(key_hash=digest(key))
+                update(api_keys).where(api_keys.c.name == name).values(key_hash=digest(key))
             )
         self._digests[name] = digest(key)
         return key
@@ -107,13 +105,12 @@ class ApiKeys:
 
 
 async def select_key_digest(connection: AsyncConnection, name: KeyName) -> str | None:
-    result = await connection.execute(select(API_KEYS.c.key_hash).where(API_KEYS.c.name == name))
+    result = await connection.execute(select(api_keys.c.key_hash).where(api_keys.c.name == name))
     return cast(str | None, result.scalar_one_or_none())
 
 
 async def insert_key_digest(connection: AsyncConnection, name: KeyName, key_hash: str) -> None:
     row: dict[str, Any] = {"name": name, "key_hash": key_hash, "created_at": datetime.now(UTC)}
-    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     await connection.execute(
-        dialect_insert(API_KEYS).values(row).on_conflict_do_nothing(index_elements=["name"])
+        upsert(connection, api_keys).values(row).on_conflict_do_nothing(index_elements=["name"])
     )

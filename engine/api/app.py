@@ -69,7 +69,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    admin_only = [Depends(RequireAdmin(runtime.keys))]
+    admin_only = [Depends(RequireAdmin(runtime))]
     app.include_router(tracking_router(runtime))
     app.include_router(journeys_router(runtime), dependencies=admin_only)
     app.include_router(leads_router(runtime), dependencies=admin_only)

@@ -13,13 +13,16 @@ import binascii
 import hashlib
 import hmac
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import HTTPException, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 
 from engine.keys import ApiKeys
+
+if TYPE_CHECKING:
+    from engine.api.app import AppRuntime
 
 SIGNATURE_HEADER = "X-CJM-Signature"
 MAX_SIGNATURE_SKEW_S = 300
@@ -94,10 +97,14 @@ def signature_failure(
 
 
 class RequireAdmin:
-    """A route dependency: the caller must hold the admin key (declared for OpenAPI)."""
+    """A route dependency: the caller must hold the admin key (declared for OpenAPI).
 
-    def __init__(self, keys: ApiKeys) -> None:
-        self._keys = keys
+    The keys are read from the runtime at each call: a runtime may load them only
+    when it starts, after the app was built.
+    """
+
+    def __init__(self, runtime: AppRuntime) -> None:
+        self._runtime = runtime
 
     async def __call__(
         self, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
@@ -106,5 +113,5 @@ class RequireAdmin:
             raise HTTPException(
                 401, "missing admin key: send Authorization: Bearer <admin key>", ADMIN_CHALLENGE
             )
-        if not self._keys.is_admin_key(credentials.credentials):
+        if not self._runtime.keys.is_admin_key(credentials.credentials):
             raise HTTPException(401, "invalid admin key", ADMIN_CHALLENGE)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import Row, Table, select
+from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.api.schemas import (
@@ -29,15 +29,15 @@ from engine.api.schemas import (
     TimerView,
 )
 from engine.db.schema import (
-    AudienceMember,
-    Enrollment,
-    Event,
-    GoalReached,
-    Identity,
-    Lead,
-    Outbox,
-    Timer,
-    Transition,
+    audience_members,
+    enrollments,
+    events,
+    goals,
+    identities,
+    leads,
+    outbox,
+    timers,
+    transitions,
 )
 from engine.ingest.identity import ANON, USER
 from engine.machine.book import JourneyBook
@@ -47,15 +47,6 @@ if TYPE_CHECKING:
 
 Record = Row[*tuple[Any, ...]]
 
-LEADS = cast(Table, Lead.__table__)
-IDENTITIES = cast(Table, Identity.__table__)
-ENROLLMENTS = cast(Table, Enrollment.__table__)
-TRANSITIONS = cast(Table, Transition.__table__)
-TIMERS = cast(Table, Timer.__table__)
-OUTBOX = cast(Table, Outbox.__table__)
-AUDIENCE_MEMBERS = cast(Table, AudienceMember.__table__)
-GOALS = cast(Table, GoalReached.__table__)
-EVENTS = cast(Table, Event.__table__)
 
 # Merges chain (A into B, later B into C); a longer chain than this is a bug, not data.
 MAX_MERGE_DEPTH = 16
@@ -73,9 +64,9 @@ def leads_router(runtime: AppRuntime) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> list[LeadSummary]:
         async with runtime.db.read() as connection:
-            leads = await find_lead_rows(connection, user_id, anonymous_id, email, limit)
-            identities = await select_identities(connection, [lead.id for lead in leads])
-        return [_summary(lead, identities[lead.id]) for lead in leads]
+            found = await find_lead_rows(connection, user_id, anonymous_id, email, limit)
+            ids_of = await select_identities(connection, [lead.id for lead in found])
+        return [_summary(lead, ids_of[lead.id]) for lead in found]
 
     @router.get(
         "/v1/leads/{lead_id}",
@@ -117,12 +108,12 @@ async def find_lead_rows(
     return sorted(rows.values(), key=lambda row: (row.created_at, row.id), reverse=True)[:limit]
 
 
-def _summary(lead: Record, identities: Sequence[Record]) -> LeadSummary:
-    user_ids = [row.value for row in identities if row.kind == USER]
+def _summary(lead: Record, lead_ids: Sequence[Record]) -> LeadSummary:
+    user_ids = [row.value for row in lead_ids if row.kind == USER]
     return LeadSummary(
         id=lead.id,
         user_id=user_ids[-1] if user_ids else None,
-        anonymous_ids=[row.value for row in identities if row.kind == ANON],
+        anonymous_ids=[row.value for row in lead_ids if row.kind == ANON],
         traits=lead.traits,
         created_at=lead.created_at,
         updated_at=lead.updated_at,
@@ -130,17 +121,17 @@ def _summary(lead: Record, identities: Sequence[Record]) -> LeadSummary:
 
 
 async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) -> LeadDetail:
-    identities = (await select_identities(connection, [lead.id]))[lead.id]
-    enrollments = await select_enrollments(connection, lead.id)
-    enrollment_ids = [row.id for row in enrollments]
-    history = _by_enrollment(await select_transitions(connection, enrollment_ids))
-    timers = _by_enrollment(await select_timers(connection, lead.id))
-    outbox = await select_outbox(connection, lead.id)
-    summary = _summary(lead, identities)
+    lead_ids = (await select_identities(connection, [lead.id]))[lead.id]
+    merged_ids = await select_merged_ids(connection, lead.id)
+    runs = await select_enrollments(connection, lead.id)
+    run_ids = [row.id for row in runs]
+    history_of = _by_enrollment(await select_transitions(connection, run_ids))
+    timers_of = _by_enrollment(await select_timers(connection, lead.id))
+    queued = await select_outbox(connection, lead.id)
     return LeadDetail(
-        **summary.model_dump(),
-        user_ids=[row.value for row in identities if row.kind == USER],
-        merged_ids=await select_merged_ids(connection, lead.id),
+        **_summary(lead, lead_ids).model_dump(),
+        user_ids=[row.value for row in lead_ids if row.kind == USER],
+        merged_ids=merged_ids,
         journeys=[
             EnrollmentView(
                 journey=row.journey_id,
@@ -155,16 +146,16 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
                     TimerView(
                         due_at=timer.due_at, stage=timer.stage, to=_timeout_target(book, row, timer)
                     )
-                    for timer in timers[row.id]
+                    for timer in timers_of[row.id]
                 ],
                 history=[
                     HistoryEntry(
                         from_=step.from_stage, to=step.to_stage, at=step.at, cause=step.cause
                     )
-                    for step in history[row.id]
+                    for step in history_of[row.id]
                 ],
             )
-            for row in enrollments
+            for row in runs
         ],
         audiences=[
             AudienceView(
@@ -182,7 +173,7 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
                 status=row.status,
                 queued_at=row.created_at,
             )
-            for row in outbox
+            for row in queued
             if row.action == "email.send"
         ],
         offers=[
@@ -192,7 +183,7 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
                 status=row.status,
                 queued_at=row.created_at,
             )
-            for row in outbox
+            for row in queued
             if row.action == "offer.grant"
         ],
         sequences=[
@@ -203,12 +194,12 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
                 status=row.status,
                 queued_at=row.created_at,
             )
-            for row in outbox
+            for row in queued
             if row.action in ("sequence.start", "sequence.stop")
         ],
         goals=[
             GoalView(journey=row.journey_id, at=row.at, value=row.value)
-            for row in await select_goals(connection, enrollment_ids)
+            for row in await select_goals(connection, run_ids)
         ],
         events=[
             EventView(
@@ -220,7 +211,7 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
                 processed_at=row.processed_at,
                 error=row.error,
             )
-            for row in await select_recent_events(connection, lead.id, RECENT_EVENTS)
+            for row in await select_recent_events(connection, [lead.id, *merged_ids], RECENT_EVENTS)
         ],
     )
 
@@ -257,7 +248,7 @@ async def select_survivors(
     for _ in range(MAX_MERGE_DEPTH):
         if not wanted:
             break
-        result = await connection.execute(select(LEADS).where(LEADS.c.id.in_(wanted)))
+        result = await connection.execute(select(leads).where(leads.c.id.in_(wanted)))
         rows.update((row.id, row) for row in result)
         wanted = {
             row.merged_into
@@ -282,7 +273,7 @@ async def select_merged_ids(connection: AsyncConnection, lead_id: int) -> list[i
     frontier = [lead_id]
     for _ in range(MAX_MERGE_DEPTH):
         result = await connection.execute(
-            select(LEADS.c.id).where(LEADS.c.merged_into.in_(frontier)).order_by(LEADS.c.id)
+            select(leads.c.id).where(leads.c.merged_into.in_(frontier)).order_by(leads.c.id)
         )
         frontier = [id_ for id_ in result.scalars() if id_ not in merged and id_ != lead_id]
         if not frontier:
@@ -293,9 +284,9 @@ async def select_merged_ids(connection: AsyncConnection, lead_id: int) -> list[i
 
 async def select_recent_leads(connection: AsyncConnection, limit: int) -> list[Record]:
     result = await connection.execute(
-        select(LEADS)
-        .where(LEADS.c.merged_into.is_(None))
-        .order_by(LEADS.c.created_at.desc(), LEADS.c.id.desc())
+        select(leads)
+        .where(leads.c.merged_into.is_(None))
+        .order_by(leads.c.created_at.desc(), leads.c.id.desc())
         .limit(limit)
     )
     return list(result)
@@ -305,13 +296,13 @@ async def select_lead_ids_by_identity(
     connection: AsyncConnection, kind: str, value: str
 ) -> set[int]:
     result = await connection.execute(
-        select(IDENTITIES.c.lead_id).where(IDENTITIES.c.kind == kind, IDENTITIES.c.value == value)
+        select(identities.c.lead_id).where(identities.c.kind == kind, identities.c.value == value)
     )
     return set(result.scalars())
 
 
 async def select_lead_ids_by_email(connection: AsyncConnection, email: str) -> set[int]:
-    result = await connection.execute(select(LEADS.c.id).where(LEADS.c.email == email))
+    result = await connection.execute(select(leads.c.id).where(leads.c.email == email))
     return set(result.scalars())
 
 
@@ -323,9 +314,9 @@ async def select_identities(
     if not lead_ids:
         return grouped
     result = await connection.execute(
-        select(IDENTITIES.c.lead_id, IDENTITIES.c.kind, IDENTITIES.c.value)
-        .where(IDENTITIES.c.lead_id.in_(lead_ids))
-        .order_by(IDENTITIES.c.created_at, IDENTITIES.c.kind, IDENTITIES.c.value)
+        select(identities.c.lead_id, identities.c.kind, identities.c.value)
+        .where(identities.c.lead_id.in_(lead_ids))
+        .order_by(identities.c.created_at, identities.c.kind, identities.c.value)
     )
     for row in result:
         grouped[row.lead_id].append(row)
@@ -335,9 +326,9 @@ async def select_identities(
 async def select_enrollments(connection: AsyncConnection, lead_id: int) -> list[Record]:
     """Newest first."""
     result = await connection.execute(
-        select(ENROLLMENTS)
-        .where(ENROLLMENTS.c.lead_id == lead_id)
-        .order_by(ENROLLMENTS.c.entered_at.desc(), ENROLLMENTS.c.id.desc())
+        select(enrollments)
+        .where(enrollments.c.lead_id == lead_id)
+        .order_by(enrollments.c.entered_at.desc(), enrollments.c.id.desc())
     )
     return list(result)
 
@@ -349,32 +340,32 @@ async def select_transitions(
     if not enrollment_ids:
         return []
     result = await connection.execute(
-        select(TRANSITIONS)
-        .where(TRANSITIONS.c.enrollment_id.in_(enrollment_ids))
-        .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id)
+        select(transitions)
+        .where(transitions.c.enrollment_id.in_(enrollment_ids))
+        .order_by(transitions.c.at, transitions.c.id)
     )
     return list(result)
 
 
 async def select_timers(connection: AsyncConnection, lead_id: int) -> list[Record]:
     result = await connection.execute(
-        select(TIMERS).where(TIMERS.c.lead_id == lead_id).order_by(TIMERS.c.due_at, TIMERS.c.id)
+        select(timers).where(timers.c.lead_id == lead_id).order_by(timers.c.due_at, timers.c.id)
     )
     return list(result)
 
 
 async def select_audiences(connection: AsyncConnection, lead_id: int) -> list[Record]:
     result = await connection.execute(
-        select(AUDIENCE_MEMBERS)
-        .where(AUDIENCE_MEMBERS.c.lead_id == lead_id)
-        .order_by(AUDIENCE_MEMBERS.c.added_at, AUDIENCE_MEMBERS.c.audience)
+        select(audience_members)
+        .where(audience_members.c.lead_id == lead_id)
+        .order_by(audience_members.c.added_at, audience_members.c.audience)
     )
     return list(result)
 
 
 async def select_outbox(connection: AsyncConnection, lead_id: int) -> list[Record]:
     result = await connection.execute(
-        select(OUTBOX).where(OUTBOX.c.lead_id == lead_id).order_by(OUTBOX.c.created_at, OUTBOX.c.id)
+        select(outbox).where(outbox.c.lead_id == lead_id).order_by(outbox.c.created_at, outbox.c.id)
     )
     return list(result)
 
@@ -383,28 +374,29 @@ async def select_goals(connection: AsyncConnection, enrollment_ids: Sequence[int
     if not enrollment_ids:
         return []
     result = await connection.execute(
-        select(GOALS)
-        .where(GOALS.c.enrollment_id.in_(enrollment_ids))
-        .order_by(GOALS.c.at, GOALS.c.id)
+        select(goals)
+        .where(goals.c.enrollment_id.in_(enrollment_ids))
+        .order_by(goals.c.at, goals.c.id)
     )
     return list(result)
 
 
 async def select_recent_events(
-    connection: AsyncConnection, lead_id: int, limit: int
+    connection: AsyncConnection, lead_ids: Sequence[int], limit: int
 ) -> list[Record]:
+    """Newest first; the events a merged lead had processed stay under its id."""
     result = await connection.execute(
         select(
-            EVENTS.c.message_id,
-            EVENTS.c.type,
-            EVENTS.c.name,
-            EVENTS.c.timestamp,
-            EVENTS.c.received_at,
-            EVENTS.c.processed_at,
-            EVENTS.c.error,
+            events.c.message_id,
+            events.c.type,
+            events.c.name,
+            events.c.timestamp,
+            events.c.received_at,
+            events.c.processed_at,
+            events.c.error,
         )
-        .where(EVENTS.c.lead_id == lead_id)
-        .order_by(EVENTS.c.timestamp.desc(), EVENTS.c.id.desc())
+        .where(events.c.lead_id.in_(lead_ids))
+        .order_by(events.c.timestamp.desc(), events.c.id.desc())
         .limit(limit)
     )
     return list(result)

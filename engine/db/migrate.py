@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 from engine.db.database import Database
 
 SCRIPT_LOCATION = Path(__file__).with_name("migrations")
+# PostgreSQL advisory lock key ("cjm" in ASCII) held while migrating.
+MIGRATION_LOCK = 0x636A6D
 
 
 class DatabaseNotMigrated(Exception):
@@ -49,6 +51,10 @@ async def _run(url: str, alembic_command: Callable[[Config], None]) -> None:
     """Run an Alembic command on one write transaction; env.py picks up the connection."""
 
     def run(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            # Processes that start together wait for the first to migrate, then find
+            # nothing left to do (SQLite's BEGIN IMMEDIATE already serialises them).
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config = _config()
         config.attributes["connection"] = connection
         alembic_command(config)

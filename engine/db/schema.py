@@ -40,7 +40,7 @@ class Lead(Base):
     # The latest event time applied to this lead: an older event is late.
     watermark: Mapped[datetime | None]
     # Set when this lead was merged into another (identify / alias); rows moved there.
-    merged_into: Mapped[int | None] = mapped_column(BigId)
+    merged_into: Mapped[int | None] = mapped_column(BigId, index=True)
     merged_at: Mapped[datetime | None]
 
 

@@ -16,24 +16,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Column, Table, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.schema import Identity, Lead
+from engine.db.queries import chunks, upsert
+from engine.db.schema import identities, leads
 from engine.ingest.messages import Message
 
 USER = "user"
 ANON = "anon"
 Key = tuple[str, str]  # (USER | ANON, the id)
 
-IDENTITIES = cast(Table, Identity.__table__)
-LEADS = cast(Table, Lead.__table__)
-
-# Bound parameters per IN list: far below SQLite's and asyncpg's limits of ~32k.
-CHUNK = 5_000
 # Each retry means another process mapped one of our ids between our read and our write.
 ATTEMPTS = 5
 
@@ -174,8 +169,8 @@ async def resolve_leads(
             return plan.routes
         savepoint = await connection.begin_nested()
         lead_ids = await insert_leads(connection, plan.new_leads, now)
-        identities = {key: _real(lead, lead_ids) for key, lead in plan.new_identities.items()}
-        if await insert_identities(connection, identities, now):
+        mapped = {key: _real(lead, lead_ids) for key, lead in plan.new_identities.items()}
+        if await insert_identities(connection, mapped, now):
             await savepoint.commit()
             return [
                 Route(
@@ -201,10 +196,10 @@ async def select_known_identities(
     known: dict[Key, int] = {}
     for kind in (USER, ANON):
         values = sorted(value for key_kind, value in keys if key_kind == kind)
-        for chunk in _chunks(values):
+        for chunk in chunks(values):
             rows = await connection.execute(
-                select(IDENTITIES.c.value, IDENTITIES.c.lead_id).where(
-                    IDENTITIES.c.kind == kind, IDENTITIES.c.value.in_(chunk)
+                select(identities.c.value, identities.c.lead_id).where(
+                    identities.c.kind == kind, identities.c.value.in_(chunk)
                 )
             )
             known.update(((kind, value), lead_id) for value, lead_id in rows)
@@ -216,10 +211,10 @@ async def select_identified_leads(
 ) -> set[int]:
     """The leads among these that have a user id."""
     identified: set[int] = set()
-    for chunk in _chunks(sorted(lead_ids)):
+    for chunk in chunks(sorted(lead_ids)):
         rows = await connection.execute(
-            select(IDENTITIES.c.lead_id)
-            .where(IDENTITIES.c.kind == USER, IDENTITIES.c.lead_id.in_(chunk))
+            select(identities.c.lead_id)
+            .where(identities.c.kind == USER, identities.c.lead_id.in_(chunk))
             .distinct()
         )
         identified.update(rows.scalars())
@@ -231,12 +226,12 @@ async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -
     if count == 0:
         return []
     rows = [{"created_at": now, "updated_at": now, "traits": {}} for _ in range(count)]
-    result = await connection.execute(LEADS.insert().returning(LEADS.c.id), rows)
+    result = await connection.execute(leads.insert().returning(leads.c.id), rows)
     return list(result.scalars())
 
 
 async def insert_identities(
-    connection: AsyncConnection, identities: Mapping[Key, int], now: datetime
+    connection: AsyncConnection, mapped: Mapping[Key, int], now: datetime
 ) -> bool:
     """Map each id to its lead; False when another process mapped one of them first.
 
@@ -245,23 +240,12 @@ async def insert_identities(
     """
     rows: list[dict[str, Any]] = [
         {"kind": kind, "value": value, "lead_id": lead_id, "created_at": now}
-        for (kind, value), lead_id in sorted(identities.items())
+        for (kind, value), lead_id in sorted(mapped.items())
     ]
-    statement = insert_or_ignore(
-        connection, IDENTITIES, IDENTITIES.c.kind, IDENTITIES.c.value
-    ).returning(IDENTITIES.c.kind)
+    statement = (
+        upsert(connection, identities)
+        .on_conflict_do_nothing(index_elements=[identities.c.kind, identities.c.value])
+        .returning(identities.c.kind)
+    )
     result = await connection.execute(statement, rows)
     return len(result.all()) == len(rows)
-
-
-def insert_or_ignore(
-    connection: AsyncConnection, table: Table, *unique: Column[Any]
-) -> postgresql.Insert | sqlite.Insert:
-    """INSERT ... ON CONFLICT DO NOTHING, which both dialects spell alike but build apart."""
-    dialect_insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=list(unique))
-
-
-def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), CHUNK):
-        yield values[start : start + CHUNK]

@@ -14,20 +14,19 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.clock import Clock
 from engine.db.database import Database
-from engine.db.schema import Event
-from engine.ingest.identity import Route, insert_or_ignore, resolve_leads
+from engine.db.queries import upsert
+from engine.db.schema import events
+from engine.ingest.identity import Route, resolve_leads
 from engine.ingest.messages import Message
 
 log = logging.getLogger(__name__)
 
-EVENTS = cast(Table, Event.__table__)
 MAX_GROUP = 5_000
 
 
@@ -147,7 +146,10 @@ async def insert_events(
 ) -> None:
     """The messages as inbox rows; a messageId already stored is skipped."""
     rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]
-    await connection.execute(insert_or_ignore(connection, EVENTS, EVENTS.c.message_id), rows)
+    statement = upsert(connection, events).on_conflict_do_nothing(
+        index_elements=[events.c.message_id]
+    )
+    await connection.execute(statement, rows)
 
 
 def _event_row(message: Message, route: Route) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from engine.journey.model import RESERVED_PREFIXES
+
 MessageType = Literal["track", "page", "screen", "identify", "alias"]
 MESSAGE_TYPES: tuple[MessageType, ...] = ("track", "page", "screen", "identify", "alias")
 
@@ -197,6 +199,11 @@ def _event_name(value: object) -> str:
         raise InvalidMessage(f"`event` is longer than {MAX_EVENT_LENGTH} characters")
     if "\x00" in value:
         raise InvalidMessage("`event` must not contain NUL characters")
+    if value.startswith(RESERVED_PREFIXES):
+        # cjm's own channels report these; anyone holding the (public) write key must not.
+        raise InvalidMessage(
+            f"event names starting with {' or '.join(RESERVED_PREFIXES)} are reserved for cjm"
+        )
     return value
 
 
@@ -231,9 +238,9 @@ def _event_time(payload: dict[str, Any], received_at: datetime) -> datetime:
     remains in the future is clamped to the moment we received the message.
     """
     timestamp = _instant(payload, "timestamp")
+    sent_at = _instant(payload, "sentAt")
     if timestamp is None:
         return received_at
-    sent_at = _instant(payload, "sentAt")
     if sent_at is not None:
         try:
             timestamp = timestamp + (received_at - sent_at)

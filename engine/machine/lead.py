@@ -2,7 +2,9 @@
 
 Pure, like `step()`, which it calls. Events and due timers are merged into one
 stream ordered by time (a timer before an event of the same instant; events of the
-same instant in arrival order). A timeout started on the way that falls due before
+same instant in arrival order; timers of the same instant by journey id, then in the
+order of their stage's transitions, so the first listed wins whatever order the
+shell hands them in). A timeout started on the way that falls due before
 the next input, or by `until`, fires in its place, so a backlog of old events is
 replayed exactly as if it had arrived live. The shell persists the outcome in one
 transaction; the simulator calls this on a virtual clock.
@@ -88,7 +90,7 @@ class Outcome:
 class _Queued:
     at: datetime
     rank: int  # 0: timer, 1: event, at the same instant
-    seq: int
+    tie: tuple[str | int, ...]  # events: arrival; timers: journey, entry, epoch, transition
     item: LeadEvent | PendingTimer = field(compare=False)
     void: bool = field(default=False, compare=False)
 
@@ -103,13 +105,18 @@ def advance(
     """Apply `events` and the due stored `timers` to `lead`; fire timeouts due by `until`."""
     run = _Run(book, lead, until)
     for event in events:
-        run.push(_Queued(event.timestamp, 1, event.seq, event))
+        run.push(_Queued(event.timestamp, 1, (event.seq,), event))
         run.horizon = max(run.horizon, event.timestamp)
     for timer in timers:
-        run.push(_Queued(timer.due_at, 0, run.next_seq(), timer))
+        run.push(_timer_queued(timer))
     run.upgrade_enrollments()
     run.drain()
     return run.outcome()
+
+
+def _timer_queued(timer: PendingTimer) -> _Queued:
+    tie = (timer.journey_id, timer.entry_no, timer.epoch, timer.transition)
+    return _Queued(timer.due_at, 0, tie, timer)
 
 
 class _Run:
@@ -122,16 +129,11 @@ class _Run:
         self.enrollments = dict(lead.enrollments)
         self.horizon = until  # timers started in this run fire inline when due by then
         self.queue: list[_Queued] = []
-        self.seq = 0
         self.effects: list[JourneyEffect] = []
         self.changed: dict[tuple[str, int], Enrollment] = {}
         self.fired: list[int] = []
         self.cancelled: set[tuple[str, int]] = set()
         self.started: dict[tuple[str, int], list[_Queued]] = {}
-
-    def next_seq(self) -> int:
-        self.seq -= 1  # negative: never collides with event arrival numbers
-        return self.seq
 
     def push(self, queued: _Queued) -> None:
         heapq.heappush(self.queue, queued)
@@ -235,7 +237,7 @@ class _Run:
         timer = PendingTimer(
             journey_id, entry_no, start.stage, start.epoch, start.transition, start.due_at
         )
-        queued = _Queued(start.due_at, 0, self.next_seq(), timer)
+        queued = _timer_queued(timer)
         self.started.setdefault((journey_id, entry_no), []).append(queued)
         if start.due_at <= self.horizon:
             self.push(queued)

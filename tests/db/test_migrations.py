@@ -7,6 +7,7 @@ file, or a new PostgreSQL database dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Any, TypeVar
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import BACKENDS, _autocommit, require_postgres
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -29,6 +29,7 @@ from engine.db.migrate import (
     upgrade,
 )
 from engine.db.schema import Base
+from tests.conftest import BACKENDS, _autocommit, require_postgres
 
 T = TypeVar("T")
 NewDatabase = Callable[[], Awaitable[str]]
@@ -148,9 +149,17 @@ async def test_upgrade_twice_changes_nothing_the_second_time(empty_url: str) -> 
     assert await _inspect(empty_url, _differences) == []
 
 
-async def test_concurrent_upgrades_migrate_once_and_both_succeed(empty_url: str) -> None:
-    await asyncio.gather(upgrade(empty_url), upgrade(empty_url))
+async def test_upgrades_started_together_by_several_processes_all_succeed(empty_url: str) -> None:
+    code = (
+        "import asyncio, sys; from engine.db.migrate import upgrade; "
+        "asyncio.run(upgrade(sys.argv[1]))"
+    )
+    processes = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", code, empty_url)
+        for _ in range(3)
+    ]
 
+    assert [await process.wait() for process in processes] == [0, 0, 0]
     assert await current_revision(empty_url) == head_revision()
 
 

@@ -39,7 +39,7 @@ entry:
   where: {properties.path: {startswith: /catalog}}
   reentry: always
 exit:
-  - on: email.unsubscribed
+  - on: opted_out
 goal:
   on: order_completed
   value: properties.revenue
@@ -156,8 +156,7 @@ class Engine:
 
     async def outbox(self, lead_id: int) -> list[tuple[str, str, str]]:
         return [
-            (row.action, row.target, row.status)
-            for row in await self.rows(outbox, lead_id=lead_id)
+            (row.action, row.target, row.status) for row in await self.rows(outbox, lead_id=lead_id)
         ]
 
     async def timers(self, lead_id: int) -> list[Any]:
@@ -169,13 +168,13 @@ class Engine:
 
     async def pending_events(self) -> int:
         async with self.runtime.db.read() as connection:
-            rows = await connection.execute(select(events.c.id).where(events.c.processed_at.is_(None)))
+            rows = await connection.execute(
+                select(events.c.id).where(events.c.processed_at.is_(None))
+            )
             return len(rows.all())
 
 
-async def start_engine(
-    database_url: str, journeys: JourneySet, clock: ManualClock
-) -> Runtime:
+async def start_engine(database_url: str, journeys: JourneySet, clock: ManualClock) -> Runtime:
     settings = Settings(database_url=database_url, write_key="wk_test", admin_key="ak_test")
     runtime = Runtime(settings, clock=clock, journeys=journeys, run_worker=False)
     await runtime.start()

@@ -109,7 +109,7 @@ async def test_exit_event_ends_the_run_from_any_stage_and_stops_its_sequences(
     await engine.send("page", userId="u1", properties=CATALOG)
     await engine.send("page", userId="u1", properties=LANDING)
     await engine.run()
-    await engine.send("track", userId="u1", event="email.unsubscribed")
+    await engine.send("track", userId="u1", event="opted_out")
     await engine.run()
     lead = await engine.lead_id(user_id="u1")
 
@@ -138,7 +138,9 @@ async def test_anonymous_visitor_who_identifies_keeps_state_and_history(engine: 
     await engine.run()
     anonymous = await engine.lead_id(anonymous_id="a1")
 
-    await engine.send("identify", anonymousId="a1", userId="u1", traits={"email": "Ann@Example.com"})
+    await engine.send(
+        "identify", anonymousId="a1", userId="u1", traits={"email": "Ann@Example.com"}
+    )
     await engine.send("page", userId="u1", properties=LANDING)
     await engine.run()
 
@@ -239,10 +241,16 @@ async def test_late_event_is_applied_and_marked_late_in_the_history(engine: Engi
 async def test_backlog_of_old_events_fires_timeouts_in_between(engine: Engine) -> None:
     now = engine.clock.now()
     await engine.send(
-        "page", anonymousId="a1", properties=CATALOG, timestamp=(now - timedelta(days=3)).isoformat()
+        "page",
+        anonymousId="a1",
+        properties=CATALOG,
+        timestamp=(now - timedelta(days=3)).isoformat(),
     )
     await engine.send(
-        "page", anonymousId="a1", properties=LANDING, timestamp=(now - timedelta(days=1)).isoformat()
+        "page",
+        anonymousId="a1",
+        properties=LANDING,
+        timestamp=(now - timedelta(days=1)).isoformat(),
     )
     await engine.run()
     lead = await engine.lead_id(anonymous_id="a1")

@@ -73,7 +73,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_enrollments"),
     )
     op.create_index("ix_enrollments_journey_id_stage", "enrollments", ["journey_id", "stage"])
-    op.create_index("ix_enrollments_lead_id_journey_id", "enrollments", ["lead_id", "journey_id"])
+    op.create_index(
+        "uq_enrollments_lead", "enrollments", ["lead_id", "journey_id", "entry_no"], unique=True
+    )
     op.create_index(
         "uq_enrollments_active",
         "enrollments",
@@ -156,6 +158,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_leads"),
     )
     op.create_index("ix_leads_email", "leads", ["email"])
+    op.create_index("ix_leads_merged_into", "leads", ["merged_into"])
 
     op.create_table(
         "outbox",

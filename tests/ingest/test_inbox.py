@@ -1,0 +1,150 @@
+"""The inbox: accepted means committed, shared commits, one row per messageId."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from engine.clock import ManualClock
+from engine.db.database import Database
+from engine.db.schema import events
+from engine.ingest.inbox import Inbox, InboxClosed
+from engine.ingest.messages import Message, MessageType, parse_message
+
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def call(message_id: str, type_: MessageType = "track", **fields: Any) -> Message:
+    return parse_message(
+        {"messageId": message_id, "anonymousId": "a1", "event": "x", **fields}, type_, NOW
+    )
+
+
+@pytest.fixture
+async def inbox(db: Database) -> AsyncIterator[Inbox]:
+    inbox = Inbox(db, ManualClock(NOW))
+    await inbox.start()
+    yield inbox
+    await inbox.stop()
+
+
+async def event_count(db: Database) -> int:
+    async with db.read() as connection:
+        return int(
+            (await connection.execute(select(func.count()).select_from(events))).scalar_one()
+        )
+
+
+async def test_accept_returns_once_the_rows_are_committed(db: Database, inbox: Inbox) -> None:
+    await inbox.accept([call("m1"), call("m2")])
+    assert await event_count(db) == 2
+
+
+async def test_an_event_row_carries_the_message(db: Database, inbox: Inbox) -> None:
+    await inbox.accept(
+        [
+            call(
+                "m1",
+                userId="u1",
+                event="order_completed",
+                properties={"revenue": 12.5},
+                context={"ip": "1.2.3.4"},
+                timestamp="2026-03-02T11:00:00Z",
+            )
+        ]
+    )
+    async with db.read() as connection:
+        row = (await connection.execute(select(events))).one()
+    assert (row.message_id, row.type, row.name, row.user_id, row.anonymous_id) == (
+        "m1",
+        "track",
+        "order_completed",
+        "u1",
+        "a1",
+    )
+    assert (row.timestamp, row.received_at) == (datetime(2026, 3, 2, 11, 0, tzinfo=UTC), NOW)
+    assert row.data == {"properties": {"revenue": 12.5}, "context": {"ip": "1.2.3.4"}}
+    assert (row.merge_lead_id, row.processed_at, row.error) == (None, None, None)
+
+
+async def test_identify_traits_and_alias_previous_id_are_kept_in_data(
+    db: Database, inbox: Inbox
+) -> None:
+    await inbox.accept(
+        [
+            call("m1", "identify", userId="u1", traits={"email": "a@x.test"}),
+            call("m2", "alias", userId="u1", previousId="a1"),
+        ]
+    )
+    async with db.read() as connection:
+        data = list(
+            (await connection.execute(select(events.c.data).order_by(events.c.id))).scalars()
+        )
+    assert data == [{"traits": {"email": "a@x.test"}}, {"previous_id": "a1"}]
+
+
+async def test_a_repeated_message_id_is_accepted_and_stored_once(
+    db: Database, inbox: Inbox
+) -> None:
+    await inbox.accept([call("m1"), call("m1")])
+    await inbox.accept([call("m1", event="other")])
+    assert await event_count(db) == 1
+
+
+async def test_concurrent_callers_share_commits(db: Database, inbox: Inbox) -> None:
+    commits: list[int] = []
+    inbox.on_commit = lambda: commits.append(1)
+    await asyncio.gather(*(inbox.accept([call(f"m{n}")]) for n in range(20)))
+    assert await event_count(db) == 20
+    assert len(commits) < 20
+
+
+async def test_a_group_holds_whole_callers_up_to_its_size(db: Database) -> None:
+    commits: list[int] = []
+    inbox = Inbox(db, ManualClock(NOW), on_commit=lambda: commits.append(1), max_group=4)
+    await inbox.start()
+    await asyncio.gather(*(inbox.accept([call(f"m{n}a"), call(f"m{n}b")]) for n in range(4)))
+    await inbox.stop()
+    assert await event_count(db) == 8
+    assert len(commits) >= 2
+
+
+async def test_a_failed_transaction_fails_every_caller_of_its_group(tmp_path: Path) -> None:
+    # A database without tables: every insert fails.
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    inbox = Inbox(db, ManualClock(NOW))
+    await inbox.start()
+    try:
+        results = await asyncio.gather(
+            inbox.accept([call("m1")]), inbox.accept([call("m2")]), return_exceptions=True
+        )
+    finally:
+        await inbox.stop()
+        await db.close()
+    assert all(isinstance(result, Exception) for result in results)
+
+
+async def test_stop_writes_what_is_queued(db: Database) -> None:
+    inbox = Inbox(db, ManualClock(NOW))
+    await inbox.start()
+    pending = [asyncio.create_task(inbox.accept([call(f"m{n}")])) for n in range(5)]
+    await asyncio.sleep(0)
+    await inbox.stop()
+    await asyncio.gather(*pending)
+    assert await event_count(db) == 5
+
+
+async def test_a_stopped_inbox_refuses_messages(db: Database) -> None:
+    inbox = Inbox(db, ManualClock(NOW))
+    with pytest.raises(InboxClosed):
+        await inbox.accept([call("m1")])
+    await inbox.start()
+    await inbox.stop()
+    with pytest.raises(InboxClosed):
+        await inbox.accept([call("m1")])

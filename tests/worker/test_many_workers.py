@@ -1,0 +1,188 @@
+"""Several `cjm worker` processes on one PostgreSQL: each lead's events once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from engine.clock import SystemClock
+from engine.config import Settings
+from engine.db.database import Database
+from engine.db.migrate import upgrade
+from engine.db.schema import enrollments, events, transitions
+from engine.ingest.messages import parse_message
+from engine.journey import load_journeys
+from engine.runtime import Runtime
+from tests.conftest import require_postgres
+
+WORKERS = 3
+LEADS = 1_000
+STEPS = 5
+
+CHAIN = (
+    """\
+id: chain
+name: One stage per step
+entry: {on: step, where: {properties.n: 1}}
+stages:
+"""
+    + "".join(
+        f"""  - id: s{n}
+    phase: awareness
+    transitions: [{{on: step, where: {{properties.n: {n + 1}}}, to: s{n + 1}}}]
+"""
+        for n in range(1, STEPS)
+    )
+    + f"""  - id: s{STEPS}
+    phase: purchase
+"""
+)
+
+
+async def _autocommit(url: str, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def shared_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, migrated."""
+    base = require_postgres()
+    name = f"cjm_workers_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_autocommit(base, f'CREATE DATABASE "{name}"'))
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    asyncio.run(upgrade(url))
+    try:
+        yield url
+    finally:
+        asyncio.run(_autocommit(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def journeys_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "journeys"
+    directory.mkdir()
+    (directory / "chain.yaml").write_text(CHAIN)
+    (tmp_path / "templates").mkdir()
+    return directory
+
+
+@pytest.fixture
+async def ingest(shared_database: str, journeys_dir: Path) -> AsyncIterator[Runtime]:
+    """An inbox on the shared database, with no worker of its own."""
+    settings = Settings(
+        database_url=shared_database,
+        journeys_dir=journeys_dir,
+        templates_dir=journeys_dir.parent / "templates",
+        write_key="wk_test",
+        admin_key="ak_test",
+    )
+    runtime = Runtime(
+        settings,
+        journeys=load_journeys([journeys_dir], settings.templates_dir),
+        run_worker=False,
+    )
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def _start_workers(database_url: str, journeys_dir: Path) -> list[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ,
+        "CJM_DATABASE_URL": database_url,
+        "CJM_JOURNEYS_DIR": str(journeys_dir),
+        "CJM_TEMPLATES_DIR": str(journeys_dir.parent / "templates"),
+        "CJM_WRITE_KEY": "wk_test",
+        "CJM_ADMIN_KEY": "ak_test",
+    }
+    command = [sys.executable, "-c", "from engine.cli import main; main()", "worker"]
+    return [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(WORKERS)
+    ]
+
+
+async def test_three_workers_process_every_event_once_and_each_lead_in_order(
+    ingest: Runtime, shared_database: str, journeys_dir: Path
+) -> None:
+    workers = _start_workers(shared_database, journeys_dir)
+    try:
+        # Each lead's steps arrive in order, interleaved with other leads', in small
+        # groups while the workers are busy.
+        clock = SystemClock()
+        start = clock.now() - timedelta(hours=1)
+        messages = []
+        for n in range(1, STEPS + 1):
+            leads = list(range(LEADS))
+            random.Random(n).shuffle(leads)
+            for lead in leads:
+                payload = {
+                    "userId": f"u{lead}",
+                    "event": "step",
+                    "properties": {"n": n},
+                    "timestamp": (start + timedelta(seconds=n)).isoformat(),
+                }
+                messages.append(parse_message(payload, "track", clock.now()))
+        for offset in range(0, len(messages), 50):
+            await ingest.inbox.accept(messages[offset : offset + 50])
+        assert all(worker.poll() is None for worker in workers), "a worker died"
+
+        database = Database(shared_database)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                async with database.read() as connection:
+                    pending = await connection.scalar(
+                        select(func.count()).where(events.c.processed_at.is_(None))
+                    )
+                if pending == 0 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert pending == 0, f"{pending} events were never processed"
+
+            async with database.read() as connection:
+                failed = await connection.scalar(
+                    select(func.count()).where(events.c.error.is_not(None))
+                )
+                rows = await connection.execute(
+                    select(enrollments.c.lead_id, transitions.c.from_stage, transitions.c.to_stage)
+                    .join(enrollments, enrollments.c.id == transitions.c.enrollment_id)
+                    .order_by(enrollments.c.lead_id, transitions.c.at, transitions.c.id)
+                )
+                histories: dict[int, list[tuple[str | None, str | None]]] = {}
+                for row in rows:
+                    histories.setdefault(row.lead_id, []).append((row.from_stage, row.to_stage))
+        finally:
+            await database.close()
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        outputs = [worker.communicate(timeout=30)[0].decode() for worker in workers]
+
+    assert all(worker.returncode == 0 for worker in workers), outputs
+    assert failed == 0
+    expected = [(None, "s1")] + [(f"s{n}", f"s{n + 1}") for n in range(1, STEPS)]
+    assert len(histories) == LEADS
+    wrong = {lead: history for lead, history in histories.items() if history != expected}
+    assert not wrong, f"{len(wrong)} leads with a wrong history, e.g. {next(iter(wrong.items()))}"
