@@ -160,17 +160,19 @@ class _Run:
             item = queued.item
             now = queued.at if self.watermark is None else max(queued.at, self.watermark)
             if isinstance(item, PendingTimer):
-                self._fire(item, now)
+                if not self._fire(item, now):
+                    continue  # a void timer is no input: the lead's time stays where it was
             else:
                 self._deliver(item, now)
             self.watermark = now
 
-    def _fire(self, timer: PendingTimer, now: datetime) -> None:
+    def _fire(self, timer: PendingTimer, now: datetime) -> bool:
+        """Fire `timer`; False when it was void (its stage or enrollment is gone)."""
         if timer.id is not None:
             self.fired.append(timer.id)
         enrollment = self.enrollments.get(timer.journey_id)
         if enrollment is None or not enrollment.active:
-            return
+            return False
         journey = self.book.journey(timer.journey_id, enrollment.version)
         fired = TimerFired(
             timer.journey_id,
@@ -180,7 +182,9 @@ class _Run:
             timer.transition,
             timer.due_at,
         )
-        self._apply(timer.journey_id, step(journey, enrollment, fired, now), now)
+        result = step(journey, enrollment, fired, now)
+        self._apply(timer.journey_id, result, now)
+        return result.enrollment is not enrollment
 
     def _deliver(self, message: LeadEvent, now: datetime) -> None:
         if message.traits:

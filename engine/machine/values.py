@@ -97,7 +97,7 @@ class Cause:
         if self.message_id is not None:
             found["message_id"] = self.message_id
         if self.timestamp is not None:
-            found["timestamp"] = self.timestamp.isoformat()
+            found["timestamp"] = self.timestamp.isoformat().replace("+00:00", "Z")
         if self.late:
             found["late"] = True
         if self.after is not None:

@@ -230,6 +230,7 @@ class Driver:
     book: JourneyBook
     lead: Lead = field(default_factory=lambda: Lead({}, None, {}))
     timer_order: TimerOrder = by_due_time  # the order the "database" returns due timers in
+    keep_cancelled: bool = False  # a sloppy database: void timers stay and come due again
     stored: dict[int, PendingTimer] = field(default_factory=dict)
     log: list[JourneyEffect] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
@@ -283,7 +284,7 @@ class Driver:
         for timer_id in outcome.fired:
             del self.stored[timer_id]
         for timer_id, timer in list(self.stored.items()):
-            if (timer.journey_id, timer.entry_no) in outcome.cancelled:
+            if (timer.journey_id, timer.entry_no) in outcome.cancelled and not self.keep_cancelled:
                 del self.stored[timer_id]
         for timer in outcome.timers:
             self._timer_id += 1

@@ -78,6 +78,38 @@ def test_leaving_a_stage_voids_its_timers() -> None:
     assert late.lead.enrollments["doors"].stage == "landing"
 
 
+def test_void_timer_handed_in_does_not_move_the_lead_clock() -> None:
+    driver = doors_lead()
+    (stale,) = driver.stored.values()
+    driver.send("page", at(hours=1), context=FACEBOOK)  # to landing: the 2h timer is void
+
+    swept = advance(driver.book, driver.lead, [], [stale], at(hours=3))
+    assert swept.fired == (stale.id,)
+    assert swept.lead.watermark == at(hours=1)
+    driver.lead = swept.lead
+    driver.send("catalog_requested", at(hours=2, minutes=30))
+
+    line = driver.history("doors")[-1]
+    assert (line.to_stage, line.at, line.cause.late) == (
+        "nurturing",
+        at(hours=2, minutes=30),
+        False,
+    )
+
+
+def test_timeout_due_exactly_at_until_fires_before_the_event_of_that_instant() -> None:
+    driver = Driver.of(DOORS)
+    backlog = [
+        driver.event("page", T0, properties=CATALOG),
+        driver.event("page", at(hours=2), context=FACEBOOK),  # the last event: until is 2h
+    ]
+
+    outcome = driver.deliver(backlog)
+
+    assert driver.path("doors") == ["first_contact", "retargeting"]
+    assert [(t.stage, t.due_at) for t in outcome.timers] == [("retargeting", at(days=14, hours=2))]
+
+
 def test_timeout_due_after_until_is_returned_to_store() -> None:
     driver = Driver.of(DOORS)
 

@@ -234,7 +234,9 @@ async def test_late_event_is_applied_and_marked_late_in_the_history(engine: Engi
 
     (row,) = [r for r in await engine.rows(transitions) if r.to_stage == "interested"]
     assert row.cause["late"] is True
-    assert row.cause["timestamp"] == (start + timedelta(minutes=5)).isoformat()
+    assert row.cause["timestamp"] == (start + timedelta(minutes=5)).isoformat().replace(
+        "+00:00", "Z"
+    )
     assert await engine.stages(lead) == [("interested", "active")]
 
 
