@@ -9,6 +9,7 @@ Pydantic locations of errors are turned into `file:line` by the loader.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -357,16 +358,20 @@ class Goal(Triggered):
     value: WherePath | None = None
 
     def value_of(self, event: Mapping[str, Any]) -> float | None:
-        """The deal's value read from the event, when it carries a number there."""
+        """The deal's value read from the event, when it carries a finite number there.
+
+        "NaN" or "1e400" would poison every average they enter: they count as no value.
+        """
         if self.value is None:
             return None
         found = resolve_path(event, self.value)
         if isinstance(found, bool) or not isinstance(found, int | float | str):
             return None
         try:
-            return float(found)
-        except ValueError:
+            value = float(found)
+        except (ValueError, OverflowError):
             return None
+        return value if math.isfinite(value) else None
 
 
 class Segment(Frozen):

@@ -47,7 +47,7 @@ class Event:
     properties: Mapping[str, Any]
     context: Mapping[str, Any]
     traits: Mapping[str, Any]  # the lead's traits when the event is applied
-    late: bool = False  # older than an event already applied to this lead
+    late: bool = False  # older than the lead's clock: the latest event or timeout applied
 
     @property
     def view(self) -> Mapping[str, Any]:
