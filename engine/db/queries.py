@@ -203,13 +203,27 @@ async def merges_pending(connection: AsyncConnection, lead_ids: Sequence[int]) -
 # --- writing a batch -----------------------------------------------------------------------------
 
 
+class AlreadyProcessed(RuntimeError):
+    """Events this transaction applied were applied by another one first.
+
+    Claims make this impossible; the check makes the transaction roll back rather
+    than write a step twice should a claim ever fail.
+    """
+
+
 async def mark_processed(
     connection: AsyncConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
 ) -> None:
+    marked = 0
     for part in chunks(event_ids):
-        await connection.execute(
-            update(events).where(events.c.id.in_(part)).values(processed_at=now, error=error)
+        result = await connection.execute(
+            update(events)
+            .where(events.c.id.in_(part), events.c.processed_at.is_(None))
+            .values(processed_at=now, error=error)
         )
+        marked += result.rowcount
+    if marked != len(event_ids):
+        raise AlreadyProcessed(f"{len(event_ids) - marked} events were processed meanwhile")
 
 
 async def _update_by_id(

@@ -107,7 +107,10 @@ async def ingest(shared_database: str, journeys_dir: Path) -> AsyncIterator[Runt
         await runtime.stop()
 
 
-def _start_workers(database_url: str, journeys_dir: Path) -> list[subprocess.Popen[bytes]]:
+def _start_workers(
+    database_url: str, journeys_dir: Path, logs: Path
+) -> list[subprocess.Popen[bytes]]:
+    """Start the workers and return once each is running (has printed its banner)."""
     env = {
         **os.environ,
         "CJM_DATABASE_URL": database_url,
@@ -117,35 +120,49 @@ def _start_workers(database_url: str, journeys_dir: Path) -> list[subprocess.Pop
         "CJM_ADMIN_KEY": "ak_test",
     }
     command = [sys.executable, "-c", "from engine.cli import main; main()", "worker"]
-    return [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(WORKERS)
-    ]
+    workers = []
+    for index in range(WORKERS):
+        log = (logs / f"worker-{index}.log").open("wb")
+        workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 60
+    for index, worker in enumerate(workers):
+        log_path = logs / f"worker-{index}.log"
+        while "journeys:" not in log_path.read_text():
+            assert worker.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "a worker did not start within 60 s"
+            time.sleep(0.05)
+    return workers
 
 
 async def test_three_workers_process_every_event_once_and_each_lead_in_order(
-    ingest: Runtime, shared_database: str, journeys_dir: Path
+    ingest: Runtime, shared_database: str, journeys_dir: Path, tmp_path: Path
 ) -> None:
-    workers = _start_workers(shared_database, journeys_dir)
+    workers = _start_workers(shared_database, journeys_dir, tmp_path)
     try:
-        # Each lead's steps arrive in order, interleaved with other leads', in small
-        # groups while the workers are busy.
+        # Step by step, each lead's events arrive in order, interleaved with other
+        # leads', in small groups while the workers are busy with the previous ones:
+        # the same lead is pending again while a worker may still be processing it.
         clock = SystemClock()
         start = clock.now() - timedelta(hours=1)
-        messages = []
         for n in range(1, STEPS + 1):
             leads = list(range(LEADS))
             random.Random(n).shuffle(leads)
-            for lead in leads:
-                payload = {
-                    "userId": f"u{lead}",
-                    "event": "step",
-                    "properties": {"n": n},
-                    "timestamp": (start + timedelta(seconds=n)).isoformat(),
-                }
-                messages.append(parse_message(payload, "track", clock.now()))
-        for offset in range(0, len(messages), 50):
-            await ingest.inbox.accept(messages[offset : offset + 50])
+            messages = [
+                parse_message(
+                    {
+                        "userId": f"u{lead}",
+                        "event": "step",
+                        "properties": {"n": n},
+                        "timestamp": (start + timedelta(seconds=n)).isoformat(),
+                    },
+                    "track",
+                    clock.now(),
+                )
+                for lead in leads
+            ]
+            for offset in range(0, len(messages), 25):
+                await ingest.inbox.accept(messages[offset : offset + 25])
+            await asyncio.sleep(0.1)
         assert all(worker.poll() is None for worker in workers), "a worker died"
 
         database = Database(shared_database)
@@ -178,8 +195,10 @@ async def test_three_workers_process_every_event_once_and_each_lead_in_order(
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
-        outputs = [worker.communicate(timeout=30)[0].decode() for worker in workers]
+        for worker in workers:
+            worker.wait(timeout=30)
 
+    outputs = [(tmp_path / f"worker-{index}.log").read_text() for index in range(WORKERS)]
     assert all(worker.returncode == 0 for worker in workers), outputs
     assert failed == 0
     expected = [(None, "s1")] + [(f"s{n}", f"s{n + 1}") for n in range(1, STEPS)]
