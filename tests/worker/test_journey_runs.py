@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from engine.db.schema import events, goals, outbox, transitions
+from engine.db.schema import events, goals, outbox, timers, transitions
 from tests.worker.conftest import Engine
 
 CATALOG = {"path": "/catalog/steel"}
@@ -291,3 +291,26 @@ async def test_outbox_rows_carry_an_idempotency_key_per_enrollment_and_entry(
 
     keys = [row.idempotency_key for row in await engine.rows(outbox)]
     assert len(keys) == len(set(keys)) == 2
+
+
+async def test_a_lead_the_machine_fails_on_is_set_aside_and_others_go_on(engine: Engine) -> None:
+    await engine.send("page", anonymousId="broken", properties=CATALOG)
+    await engine.send("page", anonymousId="fine", properties=CATALOG)
+    await engine.run()
+    broken = await engine.lead_id(anonymous_id="broken")
+    async with engine.runtime.db.write() as connection:
+        # A stored timer pointing at a transition the stage does not have.
+        await connection.execute(
+            timers.update().where(timers.c.lead_id == broken).values(transition=99)
+        )
+    await engine.send("page", anonymousId="broken", properties={"path": "/about"})
+
+    await engine.run(timedelta(hours=2))
+
+    fine = await engine.lead_id(anonymous_id="fine")
+    assert await engine.stages(fine) == [("retarget", "active")]
+    assert await engine.stages(broken) == [("visitor", "active")]
+    (failed,) = [row for row in await engine.rows(events) if row.error is not None]
+    assert failed.lead_id == broken and failed.processed_at is not None
+    (postponed,) = await engine.timers(broken)
+    assert postponed.due_at > engine.clock.now()
