@@ -46,7 +46,8 @@ def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # A sweep still running when the next is due is skipped on purpose: not worth a warning.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 async def _start(runtime: Runtime) -> None:

@@ -101,12 +101,26 @@ async def claim_leads_on_old_versions(
     return await _lock_leads(connection, window, limit)
 
 
-async def lock_lead(connection: AsyncConnection, lead_id: int) -> bool:
-    """Lock one more lead in this transaction, unless another worker holds it."""
-    found = await connection.scalar(
-        select(leads.c.id).where(leads.c.id == lead_id).with_for_update(skip_locked=True)
-    )
-    return found is not None
+async def lock_live_lead(connection: AsyncConnection, lead_id: int) -> int | None:
+    """Lock the lead that `lead_id` is now (following merges), unless another worker
+    holds it: then None. A lead this transaction already holds is returned as is.
+
+    `merged_into` is read by the locking statement itself, so a merge committed by
+    another worker just before cannot be missed.
+    """
+    while True:
+        row = (
+            await connection.execute(
+                select(leads.c.id, leads.c.merged_into)
+                .where(leads.c.id == lead_id)
+                .with_for_update(skip_locked=True)
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.merged_into is None:
+            return int(row.id)
+        lead_id = row.merged_into
 
 
 # --- loading a batch -----------------------------------------------------------------------------
@@ -183,16 +197,19 @@ async def load_enrollments(connection: AsyncConnection, lead_ids: Sequence[int])
 
 
 async def merges_pending(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
-    """(lead_id, merge_lead_id) of pending events that say two leads are one person."""
+    """(lead_id, merge_lead_id) of pending events of live leads that say two leads are
+    one person; the partner may have been merged into a third lead since."""
     rows: list[Any] = []
     for part in chunks(lead_ids):
         rows.extend(
             await connection.execute(
                 select(events.c.lead_id, events.c.merge_lead_id)
+                .join(leads, leads.c.id == events.c.lead_id)
                 .where(
                     events.c.lead_id.in_(part),
                     events.c.processed_at.is_(None),
                     events.c.merge_lead_id.is_not(None),
+                    leads.c.merged_into.is_(None),
                 )
                 .order_by(events.c.timestamp, events.c.id)
             )
@@ -269,6 +286,11 @@ ENROLLMENT_CHANGES = (
 )
 
 
+async def update_entry_numbers(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """rows: {id, entry_no}."""
+    await _update_by_id(connection, enrollments, ("entry_no",), rows)
+
+
 async def update_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     """rows: {id, and each of ENROLLMENT_CHANGES}."""
     await _update_by_id(connection, enrollments, ENROLLMENT_CHANGES, rows)
@@ -299,6 +321,13 @@ async def delete_timers(connection: AsyncConnection, timer_ids: Sequence[int]) -
 async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> None:
     for part in chunks(enrollment_ids):
         await connection.execute(delete(timers).where(timers.c.enrollment_id.in_(part)))
+
+
+async def postpone_timers(
+    connection: AsyncConnection, timer_ids: Sequence[int], due_at: datetime
+) -> None:
+    for part in chunks(timer_ids):
+        await connection.execute(update(timers).where(timers.c.id.in_(part)).values(due_at=due_at))
 
 
 async def insert_outbox(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -356,8 +385,12 @@ async def remove_from_audiences(connection: AsyncConnection, rows: list[dict[str
         )
 
 
-async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
-    """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
+async def forward_to_survivor(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
+    """Ids and pending events of a merged lead belong to the lead it was merged into.
+
+    Also run for a lead already merged: ingestion may have routed a message, or even
+    mapped a new id, to it just before the merge committed.
+    """
     await connection.execute(
         update(identities).where(identities.c.lead_id == absorbed).values(lead_id=survivor)
     )
@@ -366,6 +399,11 @@ async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: i
         .where(events.c.lead_id == absorbed, events.c.processed_at.is_(None))
         .values(lead_id=survivor)
     )
+
+
+async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
+    """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
+    await forward_to_survivor(connection, absorbed, survivor)
     for table in (enrollments, timers, outbox):
         await connection.execute(
             update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)

@@ -145,7 +145,8 @@ class _Run:
             current = self.book.current.get(journey_id)
             if current is None or journey_id in self.book.retired:
                 continue
-            if enrollment.active and enrollment.version != current.version:
+            # Only forward: an older process in a rolling deploy must not move runs back.
+            if enrollment.active and enrollment.version < current.version:
                 self._apply(journey_id, upgrade(current, enrollment, at), at)
 
     def _first_moment(self) -> datetime:

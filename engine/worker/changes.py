@@ -61,6 +61,10 @@ class Changes:
         self.cancelled: set[EnrollmentKey] = set()
         self.processed: list[int] = []
 
+    @property
+    def leads_count(self) -> int:
+        return len(self.leads)
+
     def add_outcome(self, lead_id: int, outcome: Outcome, event_ids: Sequence[int]) -> None:
         traits = dict(outcome.lead.traits)
         self.leads.append(

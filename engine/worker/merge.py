@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
@@ -22,13 +22,17 @@ from engine.machine.step import leave
 from engine.machine.values import Cause
 from engine.worker.changes import Changes, enrollment_from_row
 
+# Above any real entry number: parked numbers never meet real ones.
+PARKED = 1_000_000
+
 
 async def merge_leads(
     connection: AsyncConnection, survivor: int, absorbed: int, now: datetime
 ) -> None:
     await _settle_enrollments(connection, survivor, absorbed, now)
-    await _renumber_entries(connection, survivor, absorbed)
+    await _park_entries(connection, absorbed)
     await queries.move_lead_rows(connection, absorbed, survivor)
+    await _renumber_entries(connection, survivor)
     await _merge_audiences(connection, survivor, absorbed)
     await _merge_traits(connection, survivor, absorbed, now)
 
@@ -64,23 +68,38 @@ async def _settle_enrollments(
     await changes.write(connection)
 
 
-async def _renumber_entries(connection: AsyncConnection, survivor: int, absorbed: int) -> None:
-    """Number the absorbed runs after the survivor's own, so entry numbers stay unique."""
-    highest = dict(
-        (
-            await connection.execute(
-                select(enrollments.c.journey_id, func.max(enrollments.c.entry_no))
-                .where(enrollments.c.lead_id == survivor)
-                .group_by(enrollments.c.journey_id)
-            )
-        ).all()
+async def _park_entries(connection: AsyncConnection, absorbed: int) -> None:
+    """Negative entry numbers for the absorbed runs, so moving them collides with nothing."""
+    await connection.execute(
+        update(enrollments)
+        .where(enrollments.c.lead_id == absorbed)
+        .values(entry_no=-enrollments.c.entry_no)
     )
-    for journey_id, offset in highest.items():
-        await connection.execute(
-            update(enrollments)
-            .where(enrollments.c.lead_id == absorbed, enrollments.c.journey_id == journey_id)
-            .values(entry_no=enrollments.c.entry_no + offset)
-        )
+
+
+async def _renumber_entries(connection: AsyncConnection, survivor: int) -> None:
+    """Number the person's runs of each journey 1, 2, ... in the order they entered.
+
+    The core numbers a new run after the one that entered last, so the order of
+    entry and of numbers must agree. Entry numbers are unique per lead and journey
+    at every row update, so each row first goes to a parked negative number.
+    """
+    rows = await connection.execute(
+        select(enrollments.c.id, enrollments.c.journey_id)
+        .where(enrollments.c.lead_id == survivor)
+        .order_by(enrollments.c.journey_id, enrollments.c.entered_at, enrollments.c.id)
+    )
+    numbers: dict[str, int] = {}
+    parked: list[dict[str, Any]] = []
+    for row in rows:
+        numbers[row.journey_id] = numbers.get(row.journey_id, 0) + 1
+        parked.append({"id": row.id, "entry_no": -(numbers[row.journey_id] + PARKED)})
+    await queries.update_entry_numbers(connection, parked)
+    await connection.execute(
+        update(enrollments)
+        .where(enrollments.c.lead_id == survivor)
+        .values(entry_no=-enrollments.c.entry_no - PARKED)
+    )
 
 
 async def _merge_audiences(connection: AsyncConnection, survivor: int, absorbed: int) -> None:

@@ -13,13 +13,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.clock import Clock
 from engine.db import queries
 from engine.db.database import Database
-from engine.db.schema import events, timers
 from engine.journey.model import Journey
 from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
@@ -53,7 +51,7 @@ class Processor:
         self.batch_events = batch_events
 
     async def process_events(self) -> int:
-        """One batch of leads with pending events; the number of leads processed."""
+        """One batch of leads with pending events; how many leads were taken forward."""
         return await self._process(
             lambda connection, _: queries.claim_leads_with_events(connection, self.batch_leads)
         )
@@ -90,51 +88,56 @@ class Processor:
             if not lead_ids:
                 return 0
             lead_ids = await self._merge(connection, lead_ids, now)
-            await self._run(connection, lead_ids, now)
-            return len(lead_ids)
+            return await self._run(connection, lead_ids, now)
 
     async def _merge(
         self, connection: AsyncConnection, lead_ids: list[int], now: datetime
     ) -> list[int]:
-        """Carry out the merges pending events ask for; the leads left to process now.
+        """Carry out the merges the pending events ask for; the leads to process now.
 
-        A lead whose partner is locked by another worker waits for the next batch.
+        Repeated until none is left, since a merge brings the absorbed lead's pending
+        events, which may ask for more. A lead whose partner another worker holds, or
+        whose merge failed, waits for a later batch with its events pending.
         """
-        pairs = await queries.merges_pending(connection, lead_ids)
-        if not pairs:
-            return lead_ids
-        claimed = set(lead_ids)
-        merged_into = {
-            row.id: row.merged_into
-            for row in await queries.load_leads(
-                connection, sorted({lead for pair in pairs for lead in pair})
-            )
-        }
-        skip: set[int] = set()
-        for survivor, absorbed in pairs:
-            if survivor in skip or survivor == absorbed:
-                continue
-            if merged_into.get(survivor) is not None or merged_into.get(absorbed) is not None:
-                continue
-            if absorbed not in claimed and not await queries.lock_lead(connection, absorbed):
-                skip.add(survivor)
-                continue
-            await merge_leads(connection, survivor, absorbed, now)
-            merged_into[absorbed] = survivor
-            skip.add(absorbed)
-            log.info("merged lead %s into lead %s", absorbed, survivor)
-        return [lead for lead in lead_ids if lead not in skip]
+        waiting: set[int] = set()
+        absorbed: set[int] = set()
+        merged = True
+        while merged:
+            merged = False
+            live = [lead for lead in lead_ids if lead not in waiting and lead not in absorbed]
+            for survivor, partner in await queries.merges_pending(connection, live):
+                if survivor in waiting or survivor in absorbed:
+                    continue
+                other = await queries.lock_live_lead(connection, partner)
+                if other is None:
+                    waiting.add(survivor)
+                    continue
+                if other == survivor:
+                    continue  # one lead already
+                try:
+                    async with connection.begin_nested():
+                        await merge_leads(connection, survivor, other, now)
+                except Exception:
+                    log.exception("merging lead %s into lead %s failed", other, survivor)
+                    waiting.add(survivor)
+                    continue
+                log.info("merged lead %s into lead %s", other, survivor)
+                absorbed.add(other)
+                merged = True
+        return [lead for lead in lead_ids if lead not in waiting and lead not in absorbed]
 
-    async def _run(self, connection: AsyncConnection, lead_ids: list[int], now: datetime) -> None:
+    async def _run(self, connection: AsyncConnection, lead_ids: list[int], now: datetime) -> int:
+        """Advance the claimed leads; how many were taken forward (not left for later)."""
         lead_rows = await queries.load_leads(connection, lead_ids)
-        live = [row for row in lead_rows if row.merged_into is None]
         for row in lead_rows:
             if row.merged_into is not None:
-                await self._forward_events(connection, row.id, row.merged_into)
+                await queries.forward_to_survivor(connection, row.id, row.merged_into)
+        live = sorted((row for row in lead_rows if row.merged_into is None), key=lambda row: row.id)
         ids = [row.id for row in live]
         events_by_lead = _group(
             await queries.load_pending_events(connection, ids, self.batch_events)
         )
+        horizons = _horizons(live, events_by_lead, self.batch_events, now)
         timers_by_lead = _group(await queries.load_due_timers(connection, ids, now))
         enrollment_rows = await queries.load_enrollments(connection, ids)
         known: dict[EnrollmentKey, int] = {
@@ -144,16 +147,28 @@ class Processor:
         changes = Changes(known, now)
         failed: list[tuple[int, list[Any], list[Any]]] = []
         for row in live:
+            until = horizons.get(row.id)
+            if until is None:
+                continue  # its events did not fit in this batch: the next one takes it
+            runs = latest.get(row.id, {})
+            unknown = [run for run in runs.values() if not self._knows(run)]
+            if unknown:
+                log.warning(
+                    "lead %s runs on %s, unknown to this process: left for one that knows it",
+                    row.id,
+                    ", ".join(f"{run.journey_id} v{run.version}" for run in unknown),
+                )
+                continue
             lead_events = events_by_lead.get(row.id, [])
-            lead_timers = timers_by_lead.get(row.id, [])
-            lead = Lead(row.traits or {}, row.watermark, latest.get(row.id, {}))
+            lead_timers = [t for t in timers_by_lead.get(row.id, []) if t.due_at <= until]
+            lead = Lead(row.traits or {}, row.watermark, runs)
             try:
                 outcome = advance(
                     self.book,
                     lead,
                     [_lead_event(event) for event in lead_events],
                     [_pending_timer(timer) for timer in lead_timers],
-                    now,
+                    until,
                 )
             except Exception:
                 log.exception("processing lead %s failed", row.id)
@@ -163,16 +178,12 @@ class Processor:
         await changes.write(connection)
         for lead_id, lead_events, lead_timers in failed:
             await self._quarantine(connection, lead_id, lead_events, lead_timers, now)
+        return changes.leads_count + len(failed)
 
-    async def _forward_events(
-        self, connection: AsyncConnection, absorbed: int, survivor: int
-    ) -> None:
-        """Events that reached a lead after it was merged belong to the surviving lead."""
-        await connection.execute(
-            update(events)
-            .where(events.c.lead_id == absorbed, events.c.processed_at.is_(None))
-            .values(lead_id=survivor)
-        )
+    def _knows(self, run: Enrollment) -> bool:
+        """Whether this process has the journey version the run is on (during a rolling
+        deploy, an older process may meet a run a newer one put on a newer version)."""
+        return (run.journey_id, run.version) in self.book.versions
 
     async def _quarantine(
         self,
@@ -182,16 +193,18 @@ class Processor:
         lead_timers: Sequence[Any],
         now: datetime,
     ) -> None:
-        """Keep a lead the machine failed on out of the loop, its data intact for a replay."""
+        """Set aside a lead the machine failed on (a bug: the core is deterministic).
+
+        Its events are kept, marked with the error and not applied; its due timers
+        wait, so it cannot spin the worker. Everything else in the batch goes on.
+        """
         await queries.mark_processed(
             connection, [event.id for event in lead_events], now, error="processing failed"
         )
-        await connection.execute(
-            update(timers)
-            .where(timers.c.id.in_([timer.id for timer in lead_timers]))
-            .values(due_at=now + FAILED_TIMER_BACKOFF)
+        await queries.postpone_timers(
+            connection, [timer.id for timer in lead_timers], now + FAILED_TIMER_BACKOFF
         )
-        log.error("lead %s quarantined: its events are kept with an error", lead_id)
+        log.error("lead %s set aside: its events are kept, marked with the error", lead_id)
 
 
 def _group(rows: Sequence[Any]) -> dict[int, list[Any]]:
@@ -201,8 +214,27 @@ def _group(rows: Sequence[Any]) -> dict[int, list[Any]]:
     return grouped
 
 
+def _horizons(
+    leads: Sequence[Any], events_by_lead: dict[int, list[Any]], limit: int, now: datetime
+) -> dict[int, datetime]:
+    """How far in time each lead may be taken in this batch.
+
+    Events load in lead order up to `limit`: when the limit is hit, the last lead
+    loaded may have more, so it goes only as far as its last loaded event (a timer
+    due later must wait for the events before it), and leads after it not at all.
+    """
+    loaded = sum(len(events) for events in events_by_lead.values())
+    if loaded < limit:
+        return {lead.id: now for lead in leads}
+    last = max(events_by_lead)
+    horizons = {lead.id: now for lead in leads if lead.id < last}
+    horizons[last] = min(now, events_by_lead[last][-1].timestamp)
+    return horizons
+
+
 def _latest_enrollments(rows: Sequence[Any]) -> dict[int, dict[str, Enrollment]]:
-    """Per lead and journey: the active run, else the one that entered last."""
+    """Per lead and journey: the active run, else the one that entered last (the core
+    numbers a new run after it; merges renumber runs in their order of entry)."""
     latest: dict[int, dict[str, Any]] = {}
     for row in rows:
         per_lead = latest.setdefault(row.lead_id, {})

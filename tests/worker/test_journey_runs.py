@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from engine.db.schema import events, goals, outbox, timers, transitions
+from engine.worker.processor import Processor
 from tests.worker.conftest import Engine
 
 CATALOG = {"path": "/catalog/steel"}
@@ -314,3 +315,33 @@ async def test_a_lead_the_machine_fails_on_is_set_aside_and_others_go_on(engine:
     assert failed.lead_id == broken and failed.processed_at is not None
     (postponed,) = await engine.timers(broken)
     assert postponed.due_at > engine.clock.now()
+
+
+async def test_a_timeout_waits_for_the_events_a_full_batch_left_out(engine: Engine) -> None:
+    start = engine.clock.now()
+    await engine.send("page", anonymousId="a1", properties=CATALOG)
+    await engine.run()
+    # Received before the timeout was due, processed three hours later, three at a time.
+    for minutes in (10, 20, 30):
+        await engine.send(
+            "page",
+            anonymousId="a1",
+            properties={"path": "/about"},
+            timestamp=(start + timedelta(minutes=minutes)).isoformat(),
+        )
+    await engine.send(
+        "page",
+        anonymousId="a1",
+        properties=LANDING,
+        timestamp=(start + timedelta(hours=1)).isoformat(),
+    )
+    engine.clock.advance(timedelta(hours=3))
+    processor = Processor(engine.runtime.db, engine.runtime.book, engine.clock, batch_events=3)
+    while await processor.process_events() + await processor.process_due_timers():
+        pass
+
+    lead = await engine.lead_id(anonymous_id="a1")
+    assert await engine.history(lead) == [
+        (None, "visitor", "entry"),
+        ("visitor", "interested", "event"),
+    ]

@@ -125,3 +125,38 @@ async def test_journey_removed_from_the_files_lets_its_leads_finish_but_takes_no
         await engine.send("page", anonymousId="b1", properties=CATALOG)
         await engine.run()
         assert await engine.stages(await engine.lead_id(anonymous_id="b1")) == []
+
+
+async def test_an_older_process_leaves_runs_on_a_newer_version_alone(
+    database_url: str, tmp_path: Path
+) -> None:
+    clock = ManualClock(START)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    async with (
+        running(database_url, write_funnel(tmp_path / "v1"), clock) as old,
+        running(database_url, write_funnel(tmp_path / "v2", FUNNEL_V2), clock) as new,
+    ):
+        await new.send("page", anonymousId="b1", properties=CATALOG)
+        await new.run()
+        lead = await new.lead_id(anonymous_id="b1")
+
+        # Its next event is claimed by a process still on version 1 (a rolling deploy).
+        await old.send("page", anonymousId="b1", properties={"path": "/landing/x"})
+        await old.run()
+        assert await _versions(old, lead) == [("browsing", 2)]
+        assert await old.pending_events() == 1
+
+        # A lead of version 1, moved to version 2 by the new process, stays there.
+        await old.send("page", anonymousId="c1", properties=CATALOG)
+        await old.run()
+        await old.run(timedelta(hours=2))
+        await new.run()
+        await old.send("page", anonymousId="c1", properties={"path": "/about"})
+        await old.run()
+        c1 = await old.lead_id(anonymous_id="c1")
+        assert await _versions(old, c1) == [("retarget", 2)]
+
+        await new.run()
+        assert await new.pending_events() == 0
+        assert await _versions(new, lead) == [("interested", 2)]
