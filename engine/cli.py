@@ -174,7 +174,8 @@ def db_upgrade() -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(name: Annotated[str, typer.Argument(help="write or admin")]) -> None:
-    """Replace a key with a new one, printed once; the old one stops working."""
+    """Replace a key with a new one, printed once; running processes drop the old one
+    within seconds."""
     from engine.db.database import Database
     from engine.keys import ApiKeys, KeyFromSettings
 
@@ -182,19 +183,21 @@ def keys_rotate(name: Annotated[str, typer.Argument(help="write or admin")]) -> 
         _fail(f"no key named {name!r}: use write or admin")
     settings = _settings()
 
-    async def run() -> str:
+    async def run() -> dict[str, str]:
         db = Database(settings.database_url)
         try:
-            keys, _ = await ApiKeys.load(db, settings)
-            return await keys.rotate(db, name)  # type: ignore[arg-type]
+            keys, generated = await ApiKeys.load(db, settings)
+            generated[name] = await keys.rotate(db, name)  # type: ignore[arg-type]
+            return generated
         finally:
             await db.close()
 
     try:
-        key = asyncio.run(run())
+        new_keys = asyncio.run(run())
     except KeyFromSettings as error:
         _fail(str(error))
-    typer.echo(f"new {name} key: {key}   (shown only once: keep it)")
+    for key_name, key in sorted(new_keys.items()):
+        typer.echo(f"new {key_name} key: {key}   (shown only once: keep it)")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,16 @@ class ApiKeys:
         from_settings = frozenset(name for name, given in configured.items() if given is not None)
         return cls(digests, from_settings=from_settings), generated
 
+    async def refresh(self, db: Database) -> None:
+        """Take up the keys as stored now: a key rotated by `cjm keys rotate` (another
+        process) stops working here too."""
+        async with db.read() as connection:
+            for name in PREFIXES:
+                if name not in self._from_settings:
+                    stored = await select_key_digest(connection, name)
+                    if stored is not None:
+                        self._digests[name] = stored
+
     def is_write_key(self, presented: str) -> bool:
         return self._matches("write", presented)
 
@@ -86,8 +96,8 @@ class ApiKeys:
     async def rotate(self, db: Database, name: KeyName) -> str:
         """A new key replaces the stored one; returned once for printing.
 
-        This process accepts only the new key at once; other running processes keep
-        the old one until they restart.
+        This process accepts only the new key at once; other running processes take
+        it up at their next `refresh`.
         """
         if name in self._from_settings:
             variable = f"CJM_{name.upper()}_KEY"

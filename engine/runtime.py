@@ -7,6 +7,10 @@ them can run against one PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from engine.clock import Clock, SystemClock
 from engine.config import Settings
 from engine.db.database import Database
@@ -18,6 +22,11 @@ from engine.machine.book import JourneyBook
 from engine.registry import publish
 from engine.worker.loop import Worker
 from engine.worker.processor import Processor
+
+log = logging.getLogger("cjm")
+
+# How soon a key rotated elsewhere stops working in this process.
+KEY_REFRESH_S = 5.0
 
 
 class Runtime:
@@ -45,6 +54,7 @@ class Runtime:
         self.run_worker = run_worker
         self._journeys = journeys
         self._started = False
+        self._key_refresh: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._started:
@@ -69,12 +79,25 @@ class Runtime:
         await self.inbox.start()
         if self.run_worker:
             await self.worker.start()
+        self._key_refresh = asyncio.create_task(self._refresh_keys(), name="cjm-keys")
         self._started = True
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        if self._key_refresh is not None:
+            self._key_refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._key_refresh
         await self.inbox.stop()
         await self.worker.stop()
         await self.db.close()
+
+    async def _refresh_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_REFRESH_S)
+            try:
+                await self.keys.refresh(self.db)
+            except Exception:
+                log.exception("reading the stored keys failed; keeping the ones in use")

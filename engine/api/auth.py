@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from engine.api.app import AppRuntime
 
 SIGNATURE_HEADER = "X-CJM-Signature"
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
 MAX_SIGNATURE_SKEW_S = 300
 WRITE_CHALLENGE = {"WWW-Authenticate": 'Basic realm="cjm"'}
 ADMIN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="cjm"'}
@@ -83,7 +85,7 @@ def signature_failure(
     fields = [part.strip().partition("=") for part in header.split(",")]
     sent_at = next((value for name, _, value in fields if name == "t"), "")
     signatures = [value for name, _, value in fields if name == "v1"]
-    if not sent_at.isdigit() or not signatures:
+    if not _UNIX_SECONDS.fullmatch(sent_at) or not signatures:
         return f"malformed {SIGNATURE_HEADER}: expected t=<unix seconds>,v1=<hex HMAC-SHA256>"
     if abs(now.timestamp() - int(sent_at)) > MAX_SIGNATURE_SKEW_S:
         return f"signature time is more than {MAX_SIGNATURE_SKEW_S} s from the server's clock"

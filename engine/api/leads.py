@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi import Path as FastApiPath
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -50,6 +51,8 @@ Record = Row[*tuple[Any, ...]]
 
 # Merges chain (A into B, later B into C); a longer chain than this is a bug, not data.
 MAX_MERGE_DEPTH = 16
+# Ids and emails never hold NUL (ingestion refuses it, and PostgreSQL cannot compare it).
+NO_NUL = r"^[^\x00]*$"
 RECENT_EVENTS = 50
 
 
@@ -58,9 +61,9 @@ def leads_router(runtime: AppRuntime) -> APIRouter:
 
     @router.get("/v1/leads", summary="Find leads by id or email; the most recent without a filter")
     async def find_leads(
-        user_id: str | None = None,
-        anonymous_id: str | None = None,
-        email: str | None = None,
+        user_id: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
+        anonymous_id: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
+        email: Annotated[str | None, Query(max_length=320, pattern=NO_NUL)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> list[LeadSummary]:
         async with runtime.db.read() as connection:
@@ -73,7 +76,7 @@ def leads_router(runtime: AppRuntime) -> APIRouter:
         summary="One lead with its journeys, audiences, emails, offers, goals and events",
         responses={404: {"description": "No lead has this id."}},
     )
-    async def get_lead(lead_id: int) -> LeadDetail:
+    async def get_lead(lead_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)]) -> LeadDetail:
         async with runtime.db.read() as connection:
             lead = (await select_survivors(connection, [lead_id])).get(lead_id)
             if lead is None:

@@ -3,7 +3,8 @@
 SQLite (the embedded default) allows one writer at a time: writes go through a
 single pooled connection that starts each transaction with `BEGIN IMMEDIATE`, so a
 transaction never fails half-way on a lock, while reads use their own connections
-(WAL lets them run beside the writer). PostgreSQL uses one pool for both.
+(WAL lets them run beside the writer). PostgreSQL uses one pool for both; its reads
+are read-only REPEATABLE READ transactions.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ class Database:
                 json_serializer=_json_dumps,
                 json_deserializer=orjson.loads,
             )
-            self._reader = self._writer
+            # One snapshot for a whole read (a lead's page never shows a stage without
+            # the history line that led there), and no writes by mistake.
+            self._reader = self._writer.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
         else:
             raise ValueError(
                 f"unsupported database {url!r}: use sqlite+aiosqlite:/// or postgresql+asyncpg://"
@@ -97,5 +102,5 @@ class Database:
 
     async def close(self) -> None:
         await self._writer.dispose()
-        if self._reader is not self._writer:
+        if self.is_sqlite:
             await self._reader.dispose()

@@ -185,7 +185,7 @@ class AudienceMember(Base):
     __tablename__ = "audience_members"
 
     audience: Mapped[str] = mapped_column(String(64), primary_key=True)
-    lead_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    lead_id: Mapped[int] = mapped_column(BigId, primary_key=True, index=True)
     journey_id: Mapped[str] = mapped_column(String(64))
     added_at: Mapped[datetime]
     removed_at: Mapped[datetime | None]  # null while the lead is a member

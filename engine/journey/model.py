@@ -52,7 +52,9 @@ INTERNAL_EVENTS = frozenset(
 )
 RESERVED_PREFIXES = ("email.", "offer.")
 
-_DURATION = re.compile(r"^(\d+)(s|m|h|d|w)$")
+_DURATION = re.compile(r"^(\d{1,12})(s|m|h|d|w)$")
+# Longer waits are mistakes, and datetimes end in the year 9999.
+MAX_DURATION = timedelta(days=10 * 366)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _CODE_SLOT = re.compile(r"\{(\d+)\}")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -69,10 +71,12 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError(
             f"bad duration {value!r}: write an integer and one unit of s, m, h, d, w (like 2h)"
         )
-    amount = int(match.group(1))
-    if amount == 0:
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds == 0:
         raise ValueError(f"bad duration {value!r}: a duration must be longer than zero")
-    return timedelta(seconds=amount * _UNIT_SECONDS[match.group(2)])
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"bad duration {value!r}: durations are at most 10 years")
+    return timedelta(seconds=seconds)
 
 
 def format_duration(value: timedelta) -> str:
@@ -474,7 +478,7 @@ class Audience(Frozen):
 class Journey(Frozen):
     id: Name
     name: str
-    version: Annotated[int, Field(ge=1)] = 1
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1
     description: str | None = None
     segment: Segment | None = None
     entry: Entry

@@ -32,6 +32,7 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._old_versions_left = True
+        self._sweeping = asyncio.Lock()  # held by a running sweep; stop() waits for it
 
     def wake(self) -> None:
         """Something was committed to the inbox: look now rather than at the next poll."""
@@ -55,6 +56,8 @@ class Worker:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+            async with self._sweeping:
+                pass  # a sweep under way finishes before the database is closed
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -62,14 +65,15 @@ class Worker:
             self._task = None
 
     async def sweep(self) -> None:
-        """Fire every due timer (and move leads off retired map versions), batch by batch."""
-        try:
-            while await self.processor.process_due_timers():
-                pass
-            if self._old_versions_left:
-                self._old_versions_left = await self.processor.process_old_versions() > 0
-        except Exception:
-            log.exception("timer sweep failed; retrying at the next sweep")
+        """Fire every due timer (and move leads off older map versions), batch by batch."""
+        async with self._sweeping:
+            try:
+                while await self.processor.process_due_timers():
+                    pass
+                if self._old_versions_left:
+                    self._old_versions_left = await self.processor.process_old_versions() > 0
+            except Exception:
+                log.exception("timer sweep failed; retrying at the next sweep")
 
     async def drain(self) -> None:
         """Process until nothing is pending or due: for tests and one-shot runs."""

@@ -162,3 +162,18 @@ async def test_admin_routes_refuse_the_write_key_as_basic(client: httpx.AsyncCli
 async def test_admin_routes_accept_the_admin_key(client: httpx.AsyncClient) -> None:
     response = await client.get("/v1/leads", headers=ADMIN)
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "time_field",
+    ["\u00b2", "1" + "0" * 400, "9" * 5000],
+    ids=["superscript digit", "400 digits", "5000 digits"],
+)
+async def test_a_signature_time_that_is_not_unix_seconds_is_refused_401(
+    client: httpx.AsyncClient, time_field: str
+) -> None:
+    header = f"t={time_field},v1=00".encode("latin-1")
+    response = await client.post("/v1/track", content=TRACK, headers={"X-CJM-Signature": header})
+    assert_unauthorized(
+        response, "malformed X-CJM-Signature: expected t=<unix seconds>,v1=<hex HMAC-SHA256>"
+    )

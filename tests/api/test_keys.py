@@ -81,3 +81,18 @@ async def test_rotate_refuses_a_key_fixed_by_settings(db: Database) -> None:
     keys, _ = await ApiKeys.load(db, Settings(admin_key="my-admin"))
     with pytest.raises(KeyFromSettings, match="CJM_ADMIN_KEY"):
         await keys.rotate(db, "admin")
+
+
+async def test_a_key_rotated_by_another_process_stops_working_at_the_next_refresh(
+    db: Database,
+) -> None:
+    serving, generated = await ApiKeys.load(db, Settings())
+    rotating, _ = await ApiKeys.load(db, Settings())
+    old = generated["admin"]
+
+    new = await rotating.rotate(db, "admin")
+    assert serving.is_admin_key(old)
+
+    await serving.refresh(db)
+    assert not serving.is_admin_key(old)
+    assert serving.is_admin_key(new)

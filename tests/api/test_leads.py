@@ -355,3 +355,14 @@ async def test_without_a_filter_the_most_recent_leads_come_first(
     assert [lead["id"] for lead in response.json()] == [newer, older]
     limited = await get(client, "/v1/leads", limit=1)
     assert [lead["id"] for lead in limited.json()] == [newer]
+
+
+async def test_a_lead_id_beyond_any_stored_id_is_a_client_error(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/leads/99999999999999999999", headers=ADMIN)
+    assert response.status_code == 422
+
+
+async def test_a_lookup_with_a_nul_character_is_a_client_error(client: httpx.AsyncClient) -> None:
+    for query in ("user_id=a%00b", "anonymous_id=a%00b", "email=a%00b"):
+        response = await client.get(f"/v1/leads?{query}", headers=ADMIN)
+        assert response.status_code == 422, query

@@ -244,3 +244,21 @@ async def test_an_anonymous_visitor_who_identifies_is_one_lead(
     found = (await client.get("/v1/leads", params={"user_id": "u1"}, headers=ADMIN)).json()
     assert [(lead["user_id"], lead["anonymous_ids"]) for lead in found] == [("u1", ["a1"])]
     assert len({row.lead_id for row in await stored_events(runtime)}) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"userId": "u", "event": "x", "properties": {"a": "\\u0000"}}',
+        b'{"userId": "u", "event": "x", "properties": {"\\u0000": 1}}',
+        b'{"userId": "u", "event": "x", "properties": {"a": "\\ud800"}}',
+        b'{"userId": "u", "event": "x", "timestamp": "0001-01-01T00:00:00"}',
+        b'{"userId": "u", "event": "x", "properties": {"n": 1e400}}',
+    ],
+    ids=["NUL in a value", "NUL in a key", "lone surrogate", "year 1", "huge number"],
+)
+async def test_odd_but_wellformed_bodies_never_get_a_server_error(
+    client: httpx.AsyncClient, content: bytes
+) -> None:
+    response = await client.post("/v1/track", content=content, auth=WRITE)
+    assert response.status_code in (200, 400), response.text

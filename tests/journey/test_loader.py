@@ -319,6 +319,25 @@ def test_bad_duration_is_reported_on_its_line(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("duration", ["3000000d", "99999999999w", "9999999999999999999s"])
+def test_a_duration_beyond_ten_years_is_reported_not_crashed_on(
+    tmp_path: Path, duration: str
+) -> None:
+    path = write(
+        tmp_path,
+        "demo.yaml",
+        minimal(
+            f"""\
+            phase: awareness
+            transitions:
+              - {{after: {duration}, to: first}}
+        """
+        ),
+    )
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:8: bad duration '{duration}'")
+
+
 def test_bad_name_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "demo.yaml", minimal().replace("id: demo", "id: Entry-Doors"))
     assert errors_of(path) == [

@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("removed_at", INSTANT, nullable=True),
         sa.PrimaryKeyConstraint("audience", "lead_id", name="pk_audience_members"),
     )
+    op.create_index("ix_audience_members_lead_id", "audience_members", ["lead_id"])
 
     op.create_table(
         "enrollments",
