@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,8 @@ from engine.clock import SystemClock
 from engine.config import Settings
 from engine.db.database import Database
 from engine.db.migrate import upgrade
-from engine.db.schema import enrollments, events, transitions
-from engine.ingest.messages import parse_message
+from engine.db.schema import enrollments, events, leads, transitions
+from engine.ingest.messages import Message, parse_message
 from engine.journey import load_journeys
 from engine.runtime import Runtime
 from tests.conftest import require_postgres
@@ -49,8 +49,23 @@ stages:
     )
     + f"""  - id: s{STEPS}
     phase: purchase
+    transitions: [{{after: 1s, to: done}}]
+  - id: done
+    phase: retention
+    terminal: true
 """
 )
+
+
+# Every tenth person is first seen on a second device, merged in after step 1.
+def _two_devices(lead: int) -> bool:
+    return lead % 10 == 0
+
+
+def _message(lead: int, n: int, at: datetime, received: datetime) -> Message:
+    ids = {"anonymousId": f"a{lead}"} if n == 1 and _two_devices(lead) else {"userId": f"u{lead}"}
+    payload = {**ids, "event": "step", "properties": {"n": n}, "timestamp": at.isoformat()}
+    return parse_message(payload, "track", received)
 
 
 async def _autocommit(url: str, statement: str) -> None:
@@ -134,7 +149,7 @@ def _start_workers(
     return workers
 
 
-async def test_three_workers_process_every_event_once_and_each_lead_in_order(
+async def test_three_workers_apply_every_event_timeout_and_merge_once_in_order(
     ingest: Runtime, shared_database: str, journeys_dir: Path, tmp_path: Path
 ) -> None:
     workers = _start_workers(shared_database, journeys_dir, tmp_path)
@@ -144,22 +159,33 @@ async def test_three_workers_process_every_event_once_and_each_lead_in_order(
         # the same lead is pending again while a worker may still be processing it.
         clock = SystemClock()
         start = clock.now() - timedelta(hours=1)
+        # The other device's person is known by user id before anything happens.
+        await ingest.inbox.accept(
+            [
+                parse_message({"userId": f"u{lead}"}, "identify", clock.now())
+                for lead in range(LEADS)
+                if _two_devices(lead)
+            ]
+        )
         for n in range(1, STEPS + 1):
             leads = list(range(LEADS))
             random.Random(n).shuffle(leads)
-            messages = [
-                parse_message(
-                    {
-                        "userId": f"u{lead}",
-                        "event": "step",
-                        "properties": {"n": n},
-                        "timestamp": (start + timedelta(seconds=n)).isoformat(),
-                    },
-                    "track",
-                    clock.now(),
-                )
-                for lead in leads
-            ]
+            at = start + timedelta(seconds=n)
+            messages = [_message(lead, n, at, clock.now()) for lead in leads]
+            if n == 1:
+                messages += [
+                    parse_message(
+                        {
+                            "userId": f"u{lead}",
+                            "anonymousId": f"a{lead}",
+                            "timestamp": (at + timedelta(milliseconds=500)).isoformat(),
+                        },
+                        "identify",
+                        clock.now(),
+                    )
+                    for lead in leads
+                    if _two_devices(lead)
+                ]
             for offset in range(0, len(messages), 25):
                 await ingest.inbox.accept(messages[offset : offset + 25])
             await asyncio.sleep(0.1)
@@ -173,7 +199,10 @@ async def test_three_workers_process_every_event_once_and_each_lead_in_order(
                     pending = await connection.scalar(
                         select(func.count()).where(events.c.processed_at.is_(None))
                     )
-                if pending == 0 or time.monotonic() > deadline:
+                    done = await connection.scalar(
+                        select(func.count()).where(enrollments.c.state == "completed")
+                    )
+                if (pending == 0 and done == LEADS) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
             assert pending == 0, f"{pending} events were never processed"
@@ -181,6 +210,9 @@ async def test_three_workers_process_every_event_once_and_each_lead_in_order(
             async with database.read() as connection:
                 failed = await connection.scalar(
                     select(func.count()).where(events.c.error.is_not(None))
+                )
+                merged = await connection.scalar(
+                    select(func.count()).where(leads.c.merged_into.is_not(None))
                 )
                 rows = await connection.execute(
                     select(enrollments.c.lead_id, transitions.c.from_stage, transitions.c.to_stage)
@@ -201,7 +233,12 @@ async def test_three_workers_process_every_event_once_and_each_lead_in_order(
     outputs = [(tmp_path / f"worker-{index}.log").read_text() for index in range(WORKERS)]
     assert all(worker.returncode == 0 for worker in workers), outputs
     assert failed == 0
-    expected = [(None, "s1")] + [(f"s{n}", f"s{n + 1}") for n in range(1, STEPS)]
+    assert merged == sum(1 for lead in range(LEADS) if _two_devices(lead))
+    expected = [
+        (None, "s1"),
+        *((f"s{n}", f"s{n + 1}") for n in range(1, STEPS)),
+        (f"s{STEPS}", "done"),
+    ]
     assert len(histories) == LEADS
     wrong = {lead: history for lead, history in histories.items() if history != expected}
     assert not wrong, f"{len(wrong)} leads with a wrong history, e.g. {next(iter(wrong.items()))}"
