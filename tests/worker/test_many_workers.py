@@ -168,10 +168,10 @@ async def test_three_workers_apply_every_event_timeout_and_merge_once_in_order(
             ]
         )
         for n in range(1, STEPS + 1):
-            leads = list(range(LEADS))
-            random.Random(n).shuffle(leads)
+            order = list(range(LEADS))
+            random.Random(n).shuffle(order)
             at = start + timedelta(seconds=n)
-            messages = [_message(lead, n, at, clock.now()) for lead in leads]
+            messages = [_message(lead, n, at, clock.now()) for lead in order]
             if n == 1:
                 messages += [
                     parse_message(
@@ -183,7 +183,7 @@ async def test_three_workers_apply_every_event_timeout_and_merge_once_in_order(
                         "identify",
                         clock.now(),
                     )
-                    for lead in leads
+                    for lead in order
                     if _two_devices(lead)
                 ]
             for offset in range(0, len(messages), 25):
