@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import signal
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from jinja2 import TemplateError
 
+from channels.email import EmailTemplates, OfferView, RenderedEmail, check_templates
+from channels.email.templates import SAMPLE_LEAD, SAMPLE_UNSUBSCRIBE_URL
 from engine.config import Settings
 from engine.db.migrate import DatabaseNotMigrated
-from engine.journey import JourneyErrors, load_journeys
+from engine.journey import Journey, JourneyErrors, load_journeys
+from engine.journey.model import EmailSend, EmailStep
 from engine.runtime import Runtime
 
 app = typer.Typer(
@@ -150,16 +159,136 @@ def validate(
 ) -> None:
     """Check journeys and their templates; every error as file:line: message, exit 1."""
     settings = _settings()
+    templates_dir = templates or settings.templates_dir
     try:
-        journeys = load_journeys(
-            paths or [settings.journeys_dir], templates or settings.templates_dir
-        )
+        journeys = load_journeys(paths or [settings.journeys_dir], templates_dir)
     except JourneyErrors as error:
         for item in error.errors:
             typer.echo(str(item))
         raise typer.Exit(1) from None
+    template_errors = check_templates(templates_dir, _templates_used(journeys))
+    for item in template_errors:
+        typer.echo(str(item))
+    if template_errors:
+        raise typer.Exit(1)
     names = ", ".join(f"{journey.id} v{journey.version}" for journey in journeys)
     typer.echo(f"ok: {len(journeys)} journeys ({names})")
+
+
+def _templates_used(journeys: Iterable[Journey]) -> Iterator[str]:
+    """The templates `email.send` actions and sequence `email` steps name."""
+    for journey in journeys:
+        for stage in journey.stages:
+            yield from (a.template for a in stage.on_enter if isinstance(a, EmailSend))
+        for sequence in journey.sequences.values():
+            yield from (step.email for step in sequence.steps if isinstance(step, EmailStep))
+
+
+@app.command()
+def preview(
+    template: Annotated[str, typer.Argument(help="A template name, like catalog.")],
+    traits: Annotated[
+        Path | None, typer.Option(help="A JSON object of the lead's traits (default: a sample).")
+    ] = None,
+    offer: Annotated[
+        str | None, typer.Option(help="An offer of the journey, shown with a sample code.")
+    ] = None,
+    journey: Annotated[
+        str | None,
+        typer.Option(help="The journey sending it (default: the first that does)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write a .html, .txt or .eml file.")
+    ] = None,
+) -> None:
+    """Render an email template for a lead: print it, or write it to a file."""
+    settings = _settings()
+    lead = _read_traits(traits) if traits else SAMPLE_LEAD
+    sender = _sending_journey(settings, template, journey)
+    try:
+        rendered = EmailTemplates(settings.templates_dir).render(
+            template,
+            lead=lead,
+            offer=_sample_offer(sender, offer) if offer else None,
+            journey=(sender.id, sender.name) if sender else ("preview", "Preview"),
+            stage=_sending_stage(sender, template),
+            unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL,
+        )
+    except TemplateError as error:
+        _fail(f"{template}: {error}")
+    if output is None:
+        typer.echo(f"Subject: {rendered.subject}\n\n{rendered.text}\n{rendered.html}")
+        return
+    if output.suffix == ".eml":
+        output.write_bytes(_message(settings, lead, rendered).as_bytes())
+    elif output.suffix in (".html", ".txt"):
+        output.write_text(rendered.html if output.suffix == ".html" else rendered.text, "utf-8")
+    else:
+        _fail(f"cannot write {output}: use a .html, .txt or .eml file")
+    typer.echo(f"Subject: {rendered.subject}\nwritten to {output}")
+
+
+def _read_traits(path: Path) -> dict[str, Any]:
+    try:
+        traits = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        _fail(f"cannot read traits from {path}: {error}")
+    if not isinstance(traits, dict):
+        _fail(f"{path}: the traits must be a JSON object")
+    return traits
+
+
+def _sending_journey(settings: Settings, template: str, journey_id: str | None) -> Journey | None:
+    """The journey named, else the first that sends the template: its brand and offers
+    make the preview look like the real email."""
+    try:
+        journeys = load_journeys([settings.journeys_dir])
+    except JourneyErrors as error:
+        _fail(f"{error}\nthe journeys above are invalid")
+    if journey_id is not None:
+        if journey_id not in journeys:
+            _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
+        return journeys[journey_id]
+    return next((j for j in journeys if template in set(_templates_used([j]))), None)
+
+
+def _sending_stage(journey: Journey | None, template: str) -> tuple[str, str]:
+    if journey is None:
+        return ("preview", "Preview")
+    stage = next(
+        (
+            stage
+            for stage in journey.stages
+            if any(isinstance(a, EmailSend) and a.template == template for a in stage.on_enter)
+        ),
+        journey.first_stage,
+    )
+    return (stage.id, stage.title)
+
+
+def _sample_offer(journey: Journey | None, name: str) -> OfferView:
+    """The journey's offer as a lead would hold it now, with X for the random part."""
+    if journey is None or name not in journey.offers:
+        where = f"journey {journey.id!r}" if journey else "no journey sending this template"
+        _fail(f"no offer {name!r} in {where}")
+    offer = journey.offers[name]
+    expires = offer.expires
+    return OfferView(
+        code=re.sub(r"\{(\d+)\}", lambda slot: "X" * int(slot.group(1)), offer.code),
+        title=offer.title,
+        expires_at=expires.at or datetime.now(UTC) + (expires.after or timedelta(0)),
+    )
+
+
+def _message(settings: Settings, lead: Mapping[str, Any], rendered: RenderedEmail) -> EmailMessage:
+    """multipart/alternative, text then HTML: the order in which clients prefer the last."""
+    message = EmailMessage()
+    message["Subject"] = rendered.subject
+    message["From"] = settings.email_from
+    message["To"] = str(lead.get("email") or "")
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
 
 
 @db_app.command("upgrade")
