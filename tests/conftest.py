@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,20 +50,27 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A database of its own for this test session, dropped at the end."""
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, migrated PostgreSQL database, dropped on leaving."""
     import asyncio
 
     base_url = require_postgres()
-    name = f"cjm_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     asyncio.run(_autocommit(base_url, f'CREATE DATABASE "{name}"'))
     url = make_url(base_url).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(_create_schema(url))
     try:
+        asyncio.run(_create_schema(url))
         yield url
     finally:
         asyncio.run(_autocommit(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of its own for this test session."""
+    with fresh_postgres_database("cjm_test") as url:
+        yield url
 
 
 async def _autocommit(url: str, statement: str) -> None:

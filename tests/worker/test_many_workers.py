@@ -9,25 +9,21 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import func, select
 
 from engine.clock import SystemClock
 from engine.config import Settings
 from engine.db.database import Database
-from engine.db.migrate import upgrade
 from engine.db.schema import enrollments, events, leads, transitions
 from engine.ingest.messages import Message, parse_message
 from engine.journey import load_journeys
 from engine.runtime import Runtime
-from tests.conftest import require_postgres
+from tests.conftest import fresh_postgres_database
 
 WORKERS = 3
 LEADS = 1_000
@@ -68,27 +64,11 @@ def _message(lead: int, n: int, at: datetime, received: datetime) -> Message:
     return parse_message(payload, "track", received)
 
 
-async def _autocommit(url: str, statement: str) -> None:
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture
 def shared_database() -> Iterator[str]:
     """A PostgreSQL database of this test's own, migrated."""
-    base = require_postgres()
-    name = f"cjm_workers_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_autocommit(base, f'CREATE DATABASE "{name}"'))
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(upgrade(url))
-    try:
+    with fresh_postgres_database("cjm_workers") as url:
         yield url
-    finally:
-        asyncio.run(_autocommit(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
