@@ -508,4 +508,6 @@ class Journey(Frozen):
             names.add(self.goal.on)
         for stage in self.stages:
             names.update(stage.on_event)
+        for sequence in self.sequences.values():
+            names.update(sequence.stop_on)
         return frozenset(names)

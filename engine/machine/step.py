@@ -103,6 +103,7 @@ def _on_event(journey: Journey, enrollment: Enrollment | None, event: Event, now
         if rule.on == event.name and rule.condition(view):
             left = leave(enrollment, now, _event_cause("exit", event))
             return Step(left.enrollment, (*effects, *left.effects))
+    enrollment = _stop_on(journey, enrollment, event, effects)
     stage = journey.stage(enrollment.stage)
     for _, transition in stage.on_event.get(event.name, ()):
         if transition.condition(view):
@@ -229,6 +230,25 @@ def _finish_if_terminal(
         return enrollment
     effects.extend(_stop_sequences(enrollment, "end"))
     return replace(enrollment, state="completed", ended_at=now, sequences=())
+
+
+def _stop_on(
+    journey: Journey, enrollment: Enrollment, event: Event, effects: list[Effect]
+) -> Enrollment:
+    """Stop each running sequence that lists the event in `stop_on` (a purchase ends the
+    nurture emails); the event may still move the lead as well."""
+    stopping = [
+        name
+        for name in enrollment.sequences
+        if name in journey.sequences and event.name in journey.sequences[name].stop_on
+    ]
+    if not stopping:
+        return enrollment
+    effects.extend(
+        ChannelAction("sequence.stop", name, f"{enrollment.epoch}.stop.{name}") for name in stopping
+    )
+    running = tuple(name for name in enrollment.sequences if name not in stopping)
+    return replace(enrollment, sequences=running)
 
 
 def _stop_sequences(enrollment: Enrollment, why: str) -> list[Effect]:

@@ -983,3 +983,49 @@ def test_step_is_pure() -> None:
 
     assert first == second
     assert enrollment == enter()
+
+
+# --- sequences stopped by their stop_on events ------------------------------------------------
+
+
+def test_stop_on_event_stops_the_running_sequence_and_still_moves_the_lead() -> None:
+    lead = nurtured()
+    assert lead.sequences == ("door_tips",)
+    order = event("order_completed", at(days=1), properties={"revenue": 900})
+
+    result = step(DOORS, lead, order, at(days=1))
+
+    assert result.enrollment is not None
+    assert result.enrollment.stage == "customer"
+    assert result.enrollment.sequences == ()
+    stops = [e for e in of_type(result.effects, ChannelAction) if e.action == "sequence.stop"]
+    assert stops == [ChannelAction("sequence.stop", "door_tips", f"{lead.epoch}.stop.door_tips")]
+
+
+def test_stop_on_event_stops_a_sequence_even_without_a_transition() -> None:
+    j = journey(
+        stages=[
+            {"id": "first", "phase": "awareness", "on_enter": [{"sequence.start": "tips"}]},
+        ],
+        sequences={"tips": {"stop_on": ["replied"], "steps": [{"email": "tip"}]}},
+    )
+    lead = enter(j)
+
+    result = step(j, lead, event("replied", at(hours=1)), at(hours=1))
+
+    assert result.enrollment is not None
+    assert result.enrollment.stage == "first" and result.enrollment.sequences == ()
+    assert of_type(result.effects, ChannelAction) == [
+        ChannelAction("sequence.stop", "tips", f"{lead.epoch}.stop.tips")
+    ]
+    again = step(j, result.enrollment, event("replied", at(hours=2)), at(hours=2))
+    assert again.effects == ()
+
+
+def test_stop_on_event_of_a_sequence_that_is_not_running_does_nothing() -> None:
+    lead = at_stage("cooling")
+    assert lead.sequences == ()
+
+    result = step(DOORS, lead, event("order_completed", at(days=1)), at(days=1))
+
+    assert [e for e in of_type(result.effects, ChannelAction) if e.action == "sequence.stop"] == []

@@ -61,6 +61,7 @@ async def test_doors_search_visitor_is_retargeted_nurtured_offered_and_buys(
     assert ("sequence.start", "door_tips", "pending") in actions
     assert ("offer.grant", "free_install", "pending") in actions
     assert ("email.send", "order_thanks", "pending") in actions
+    assert ("sequence.stop", "door_tips", "pending") in actions  # stop_on: order_completed
     assert [row.value for row in await engine.rows(goals)] == [1290.0]
     audiences = await engine.audiences(lead)
     assert audiences["catalog_abandoners"] is False
