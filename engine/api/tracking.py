@@ -174,7 +174,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused as soon as it is known to exceed `limit` bytes."""
     too_large = Refused.because(413, f"request body exceeds the {limit // KB} KB limit")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise too_large
     chunks: list[bytes] = []
     size = 0
