@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import signal
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,13 +16,13 @@ from typing import Annotated, Any, NoReturn
 import typer
 from jinja2 import TemplateError
 
-from channels.email import EmailTemplates, OfferView, RenderedEmail, check_templates
+from channels.email import EmailTemplates, OfferView, RenderedEmail
 from channels.email.templates import SAMPLE_LEAD, SAMPLE_UNSUBSCRIBE_URL
 from engine.config import Settings
 from engine.db.migrate import DatabaseNotMigrated
 from engine.journey import Journey, JourneyErrors, load_journeys
-from engine.journey.model import EmailSend, EmailStep
-from engine.runtime import Runtime
+from engine.journey.model import EmailSend
+from engine.runtime import Runtime, load_checked_journeys
 
 app = typer.Typer(
     help="cjm runs customer journey maps: YAML maps of a segment, executed as state machines.",
@@ -159,29 +159,16 @@ def validate(
 ) -> None:
     """Check journeys and their templates; every error as file:line: message, exit 1."""
     settings = _settings()
-    templates_dir = templates or settings.templates_dir
     try:
-        journeys = load_journeys(paths or [settings.journeys_dir], templates_dir)
+        journeys = load_checked_journeys(
+            paths or [settings.journeys_dir], templates or settings.templates_dir
+        )
     except JourneyErrors as error:
         for item in error.errors:
             typer.echo(str(item))
         raise typer.Exit(1) from None
-    template_errors = check_templates(templates_dir, _templates_used(journeys))
-    for item in template_errors:
-        typer.echo(str(item))
-    if template_errors:
-        raise typer.Exit(1)
     names = ", ".join(f"{journey.id} v{journey.version}" for journey in journeys)
     typer.echo(f"ok: {len(journeys)} journeys ({names})")
-
-
-def _templates_used(journeys: Iterable[Journey]) -> Iterator[str]:
-    """The templates `email.send` actions and sequence `email` steps name."""
-    for journey in journeys:
-        for stage in journey.stages:
-            yield from (a.template for a in stage.on_enter if isinstance(a, EmailSend))
-        for sequence in journey.sequences.values():
-            yield from (step.email for step in sequence.steps if isinstance(step, EmailStep))
 
 
 @app.command()
@@ -249,7 +236,7 @@ def _sending_journey(settings: Settings, template: str, journey_id: str | None) 
         if journey_id not in journeys:
             _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
         return journeys[journey_id]
-    return next((j for j in journeys if template in set(_templates_used([j]))), None)
+    return next((j for j in journeys if template in j.templates), None)
 
 
 def _sending_stage(journey: Journey | None, template: str) -> tuple[str, str]:

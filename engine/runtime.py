@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
+from channels.email.templates import check_templates
 from engine.clock import Clock, SystemClock
 from engine.config import Settings
 from engine.db.database import Database
 from engine.db.migrate import ensure_current, upgrade
 from engine.ingest.inbox import Inbox
-from engine.journey import JourneySet, load_journeys
+from engine.journey import JourneyErrors, JourneySet, load_journeys
 from engine.keys import ApiKeys
 from engine.machine.book import JourneyBook
 from engine.registry import publish
@@ -27,6 +29,16 @@ log = logging.getLogger("cjm")
 
 # How soon a key rotated elsewhere stops working in this process.
 KEY_REFRESH_S = 5.0
+
+
+def load_checked_journeys(paths: list[Path], templates_dir: Path) -> JourneySet:
+    """Journeys with their email templates rendered once for sample leads: nothing that
+    would fail on a real lead is ever loaded. Raises JourneyErrors with every problem."""
+    journeys = load_journeys(paths, templates_dir)
+    errors = check_templates(templates_dir, {name for j in journeys for name in j.templates})
+    if errors:
+        raise JourneyErrors(errors)
+    return journeys
 
 
 class Runtime:
@@ -60,7 +72,9 @@ class Runtime:
         if self._started:
             return
         settings = self.settings
-        journeys = self._journeys or load_journeys([settings.journeys_dir], settings.templates_dir)
+        journeys = self._journeys or load_checked_journeys(
+            [settings.journeys_dir], settings.templates_dir
+        )
         if settings.database_url.startswith("sqlite"):
             await upgrade(settings.database_url)
         else:

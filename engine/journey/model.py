@@ -501,6 +501,23 @@ class Journey(Frozen):
         return self.stage_by_id[stage_id]
 
     @cached_property
+    def templates(self) -> frozenset[str]:
+        """The email templates this journey sends: `email.send` and sequence steps."""
+        names = {
+            action.template
+            for stage in self.stages
+            for action in stage.on_enter
+            if isinstance(action, EmailSend)
+        }
+        names.update(
+            step.email
+            for sequence in self.sequences.values()
+            for step in sequence.steps
+            if isinstance(step, EmailStep)
+        )
+        return frozenset(names)
+
+    @cached_property
     def listens_to(self) -> frozenset[str]:
         """Every event name that can change something in this journey for a lead."""
         names = {self.entry.on, *(rule.on for rule in self.exit)}

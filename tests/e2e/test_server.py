@@ -168,3 +168,27 @@ def test_first_start_prints_generated_keys_once_and_they_work(tmp_path: Path) ->
         assert refused.status_code == 401
     finally:
         stop_server(second)
+
+
+def test_serve_refuses_to_start_with_a_template_that_would_break_on_a_lead(
+    tmp_path: Path,
+) -> None:
+    with_email = QUICK.replace(
+        "on_enter: [{audience.add: browsers}]",
+        "on_enter: [{audience.add: browsers}, {email.send: hello}]",
+    )
+    env = _journeys(tmp_path, with_email)
+    (Path(env["CJM_TEMPLATES_DIR"]) / "hello.j2").write_text(
+        "{% block subject %}Hi{% endblock %}\n{% block html %}\n<p>{{ lead.fist_name }}</p>\n"
+        "{% endblock %}\n"
+    )
+    process = cjm(
+        "serve",
+        env={**env, "CJM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cjm.db'}"},
+        stdout=-1,
+        stderr=-1,
+    )
+    _, err = process.communicate(timeout=60)
+
+    assert process.returncode == 1
+    assert re.search(r"hello\.j2:3: undefined: lead\.fist_name", err), err
