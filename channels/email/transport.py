@@ -1,0 +1,213 @@
+"""Where sent email goes: an SMTP server, or a folder of .eml files when there is none.
+
+The sender needs one answer from a transport: was the message accepted, may it be
+retried, or will it never be delivered. So every failure becomes one of two
+exceptions: TransientFailure (connection refused, timeouts, 4xx replies: try again
+later) or PermanentFailure (5xx replies: retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from aiosmtplib import (
+    SMTP,
+    SMTPException,
+    SMTPNotSupported,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+)
+
+DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
+SERVICE_CLOSING = 421  # the server is closing this connection: never reuse it
+# A Message-ID may hold "/" or other characters a file name must not.
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._@-]")
+
+
+class TransientFailure(Exception):
+    """The message was not sent, and sending it again later may succeed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PermanentFailure(Exception):
+    """The message was refused for good; `code` is the SMTP reply code.
+
+    `code` is None when the refusal came from the client side (the server lacks an
+    extension the message needs). `recipient_refused` tells a refused address (a hard
+    bounce, worth suppressing) from a refused message or sender, which says nothing
+    about the address.
+    """
+
+    def __init__(self, reason: str, code: int | None, *, recipient_refused: bool = False) -> None:
+        super().__init__(reason if code is None else f"{code} {reason}")
+        self.reason = reason
+        self.code = code
+        self.recipient_refused = recipient_refused
+
+
+class Transport(Protocol):
+    """What the sender needs from a way of delivering email, so tests and the embedded
+    default (EmlDirectory) stand in for a real SMTP server."""
+
+    async def send(self, message: EmailMessage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SmtpTransport:
+    """Sends through an SMTP server given as `smtp://[user:pass@]host[:port]`, or
+    `smtps://` for implicit TLS (`smtp://` upgrades with STARTTLS when offered).
+
+    Up to `concurrency` messages are sent at once, each on its own connection, and
+    connections stay open for the next message: a handshake (and a TLS one) per
+    email would cost more than the email. A connection that failed is dropped and a
+    new one opened on next use.
+    """
+
+    def __init__(self, url: str, *, concurrency: int = 4, timeout: float = 30) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"expected smtp://host[:port] or smtps://host[:port], got {url!r}")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._hostname = parts.hostname
+        self._port = parts.port or DEFAULT_PORTS[parts.scheme]
+        self._use_tls = parts.scheme == "smtps"
+        self._username = unquote(parts.username) if parts.username is not None else None
+        self._password = unquote(parts.password) if parts.password is not None else None
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._idle: list[SMTP] = []
+
+    async def send(self, message: EmailMessage) -> None:
+        async with self._slots:
+            client = await self._checkout()
+            try:
+                refused, _ = await client.send_message(message)
+            except SMTPException as error:
+                self._checkin(client, reusable=_keeps_session(error))
+                raise _translate(error) from error
+            except BaseException:  # cancelled half-way through a transaction
+                client.close()
+                raise
+            self._checkin(client, reusable=True)
+        # Some recipients refused, the others took it. cjm mails one recipient per
+        # message, so this only reports a message addressed otherwise as not delivered.
+        if refused:
+            address, reply = next(iter(refused.items()))
+            raise _failure(reply.code, f"{address}: {reply.message}", recipient=True)
+
+    async def close(self) -> None:
+        """Says goodbye on every idle connection; call it after the last send."""
+        idle, self._idle = self._idle, []
+        for client in idle:
+            with contextlib.suppress(SMTPException, OSError):
+                await client.quit()
+            client.close()
+
+    async def _checkout(self) -> SMTP:
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:  # the server may have closed an idle one
+                return client
+            client.close()
+        client = SMTP(
+            hostname=self._hostname,
+            port=self._port,
+            username=self._username,
+            password=self._password,
+            use_tls=self._use_tls,
+            timeout=self._timeout,
+        )
+        try:
+            await client.connect()
+        except SMTPException as error:
+            client.close()
+            raise _translate(error) from error
+        return client
+
+    def _checkin(self, client: SMTP, *, reusable: bool) -> None:
+        if reusable and client.is_connected:
+            self._idle.append(client)
+        else:
+            client.close()
+
+
+def _keeps_session(error: SMTPException) -> bool:
+    """Whether the connection can carry the next message after `error`.
+
+    A refusal leaves the session usable (aiosmtplib resets the envelope), except 421,
+    the server closing; a lost connection or a timeout may have left it half-way.
+    """
+    if isinstance(error, SMTPRecipientsRefused):
+        return all(refusal.code != SERVICE_CLOSING for refusal in error.recipients)
+    return isinstance(error, SMTPResponseException) and error.code != SERVICE_CLOSING
+
+
+def _failure(code: int, reason: str, *, recipient: bool) -> TransientFailure | PermanentFailure:
+    if code >= 500:
+        return PermanentFailure(reason, code, recipient_refused=recipient)
+    return TransientFailure(f"{code} {reason}")
+
+
+def _translate(error: SMTPException) -> TransientFailure | PermanentFailure:
+    if isinstance(error, SMTPRecipientsRefused):
+        # One recipient per message: the first refusal is the refusal.
+        first = error.recipients[0]
+        return _failure(first.code, f"{first.recipient}: {first.message}", recipient=True)
+    if isinstance(error, SMTPResponseException):
+        return _failure(error.code, error.message, recipient=False)
+    if isinstance(error, SMTPNotSupported):
+        return PermanentFailure(error.message, None)
+    # Connection refused or lost, timeouts: nothing the server said about this message.
+    return TransientFailure(error.message)
+
+
+class EmlDirectory:
+    """Writes each message as an .eml file into a folder instead of sending it.
+
+    The embedded default when no SMTP server is configured: nothing leaves the
+    machine, and every email can still be opened in a mail client. Files are named
+    `<UTC time>-<Message-ID>.eml`, so a listing is in sending order, and appear whole
+    or not at all (written aside, then renamed into place).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def send(self, message: EmailMessage) -> None:
+        await asyncio.to_thread(self._write, message)
+
+    async def close(self) -> None:
+        """Nothing is held open between messages."""
+
+    def _write(self, message: EmailMessage) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        message_id = str(message["Message-ID"] or uuid.uuid4().hex)
+        name = f"{stamp}-{_UNSAFE_IN_NAME.sub('_', message_id.strip().strip('<>'))}.eml"
+        descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(message.as_bytes(policy=SMTP_POLICY))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path / name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
