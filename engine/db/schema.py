@@ -204,6 +204,54 @@ class GoalReached(Base):
     value: Mapped[float | None] = mapped_column(Float)
 
 
+class Email(Base):
+    """One email to one lead: queued by the outbox, sent once, its fate recorded."""
+
+    __tablename__ = "emails"
+    __table_args__ = (Index("ix_emails_status_due_at", "status", "due_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The outbox action (or sequence step) it carries out: sent at most once per key.
+    idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
+    lead_id: Mapped[int] = mapped_column(BigId, index=True)
+    enrollment_id: Mapped[int | None] = mapped_column(BigId)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str | None] = mapped_column(String(64))
+    template: Mapped[str] = mapped_column(String(64))
+    # queued, sending, sent, deferred, failed, suppressed, skipped
+    status: Mapped[str] = mapped_column(String(16))
+    due_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    to_address: Mapped[str | None] = mapped_column(String(320))
+    message_id: Mapped[str | None] = mapped_column(String(256))
+    lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+
+class Suppression(Base):
+    """An address never mailed again: unsubscribed, hard-bounced, or suppressed by hand."""
+
+    __tablename__ = "suppressions"
+
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)  # lowercased
+    reason: Mapped[str] = mapped_column(String(16))  # unsubscribed | bounced | manual
+    lead_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime]
+
+
+class Secret(Base):
+    """Server-side secrets (the key that signs email links), generated on first use."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+
 class ApiKey(Base):
     """The write and admin keys, stored as SHA-256 hashes only."""
 
@@ -226,3 +274,6 @@ outbox = cast(Table, Outbox.__table__)
 audience_members = cast(Table, AudienceMember.__table__)
 goals = cast(Table, GoalReached.__table__)
 api_keys = cast(Table, ApiKey.__table__)
+emails = cast(Table, Email.__table__)
+suppressions = cast(Table, Suppression.__table__)
+secrets = cast(Table, Secret.__table__)

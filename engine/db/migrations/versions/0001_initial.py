@@ -25,6 +25,9 @@ INSTANT = sa.BigInteger()
 
 TABLES = (
     "api_keys",
+    "emails",
+    "secrets",
+    "suppressions",
     "audience_members",
     "enrollments",
     "events",
@@ -45,6 +48,45 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(64), nullable=False),
         sa.Column("created_at", INSTANT, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_api_keys"),
+    )
+    op.create_table(
+        "emails",
+        sa.Column("id", ID, autoincrement=True, nullable=False),
+        sa.Column("idempotency_key", sa.String(160), nullable=False),
+        sa.Column("lead_id", ID, nullable=False),
+        sa.Column("enrollment_id", ID, nullable=True),
+        sa.Column("journey_id", sa.String(64), nullable=False),
+        sa.Column("stage", sa.String(64), nullable=True),
+        sa.Column("template", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("due_at", INSTANT, nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("to_address", sa.String(320), nullable=True),
+        sa.Column("message_id", sa.String(256), nullable=True),
+        sa.Column("lease_until", INSTANT, nullable=True),
+        sa.Column("created_at", INSTANT, nullable=False),
+        sa.Column("updated_at", INSTANT, nullable=False),
+        sa.Column("sent_at", INSTANT, nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_emails"),
+        sa.UniqueConstraint("idempotency_key", name="uq_emails_idempotency_key"),
+    )
+    op.create_index("ix_emails_lead_id", "emails", ["lead_id"])
+    op.create_index("ix_emails_status_due_at", "emails", ["status", "due_at"])
+    op.create_table(
+        "secrets",
+        sa.Column("name", sa.String(32), nullable=False),
+        sa.Column("value", sa.String(128), nullable=False),
+        sa.Column("created_at", INSTANT, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_secrets"),
+    )
+    op.create_table(
+        "suppressions",
+        sa.Column("email", sa.String(320), nullable=False),
+        sa.Column("reason", sa.String(16), nullable=False),
+        sa.Column("lead_id", ID, nullable=True),
+        sa.Column("created_at", INSTANT, nullable=False),
+        sa.PrimaryKeyConstraint("email", name="pk_suppressions"),
     )
     op.create_table(
         "audience_members",
