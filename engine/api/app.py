@@ -14,6 +14,8 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from channels.email.links import Links
+from channels.email.routes import email_router
 from engine.api.auth import RequireAdmin
 from engine.api.health import health_router
 from engine.api.journeys import journeys_router
@@ -48,6 +50,9 @@ class AppRuntime(Protocol):
     @property
     def book(self) -> JourneyBook: ...
 
+    @property
+    def links(self) -> Links: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -65,7 +70,8 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app = FastAPI(
         title="cjm",
         summary="Customer journey maps that run.",
-        description="Segment-compatible tracking (write key) and the admin API (admin key).",
+        description="Segment-compatible tracking (write key), the admin API (admin key) and "
+        "the public email links (signed tokens).",
         version="0.1.0",
         lifespan=lifespan,
     )
@@ -74,6 +80,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(journeys_router(runtime), dependencies=admin_only)
     app.include_router(leads_router(runtime), dependencies=admin_only)
     app.include_router(health_router(runtime))
+    app.include_router(email_router(runtime))
     app.add_middleware(TrackingCors)
 
     def openapi() -> dict[str, Any]:

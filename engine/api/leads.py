@@ -31,6 +31,7 @@ from engine.api.schemas import (
 )
 from engine.db.schema import (
     audience_members,
+    emails,
     enrollments,
     events,
     goals,
@@ -171,13 +172,17 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
         ],
         emails=[
             EmailView(
-                template=row.target,
+                template=row.template,
                 journey=row.journey_id,
                 status=row.status,
                 queued_at=row.created_at,
+                due_at=row.due_at,
+                sent_at=row.sent_at,
+                attempts=row.attempts,
+                last_error=row.last_error,
+                message_id=row.message_id,
             )
-            for row in queued
-            if row.action == "email.send"
+            for row in await select_emails(connection, [lead.id, *merged_ids])
         ],
         offers=[
             OfferView(
@@ -369,6 +374,16 @@ async def select_audiences(connection: AsyncConnection, lead_id: int) -> list[Re
 async def select_outbox(connection: AsyncConnection, lead_id: int) -> list[Record]:
     result = await connection.execute(
         select(outbox).where(outbox.c.lead_id == lead_id).order_by(outbox.c.created_at, outbox.c.id)
+    )
+    return list(result)
+
+
+async def select_emails(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Record]:
+    """Oldest first; emails queued for a lead before it was merged stay under its id."""
+    result = await connection.execute(
+        select(emails)
+        .where(emails.c.lead_id.in_(lead_ids))
+        .order_by(emails.c.created_at, emails.c.id)
     )
     return list(result)
 

@@ -192,10 +192,18 @@ class AudienceView(BaseModel):
 
 
 class EmailView(BaseModel):
+    """One email and its fate: queued, sending, sent, deferred (to be retried at `due_at`),
+    failed, suppressed or skipped (the lead has no address)."""
+
     template: str
     journey: str
     status: str
     queued_at: datetime
+    due_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    last_error: str | None
+    message_id: str | None
 
 
 class OfferView(BaseModel):

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.schema import (
     audience_members,
+    emails,
     enrollments,
     events,
     goals,
@@ -404,7 +405,7 @@ async def forward_to_survivor(connection: AsyncConnection, absorbed: int, surviv
 async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
     """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
     await forward_to_survivor(connection, absorbed, survivor)
-    for table in (enrollments, timers, outbox):
+    for table in (enrollments, timers, outbox, emails):
         await connection.execute(
             update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)
         )

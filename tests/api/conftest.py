@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from channels.email.links import Links
 from engine.api.app import create_app
 from engine.clock import ManualClock
 from engine.config import Settings
@@ -62,6 +63,7 @@ class Runtime:
     keys: ApiKeys
     inbox: Inbox
     book: JourneyBook
+    links: Links
     commits: list[int] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -81,7 +83,9 @@ async def runtime(db: Database) -> AsyncIterator[Runtime]:
     )
     keys, _ = await ApiKeys.load(db, settings)
     clock = ManualClock(NOW)
-    runtime = Runtime(settings, db, clock, keys, Inbox(db, clock), JourneyBook.of([DOORS]))
+    links = await Links.load(db, "https://cjm.example", NOW)
+    book = JourneyBook.of([DOORS])
+    runtime = Runtime(settings, db, clock, keys, Inbox(db, clock), book, links)
     runtime.inbox.on_commit = lambda: runtime.commits.append(len(runtime.commits) + 1)
     await runtime.start()
     try:

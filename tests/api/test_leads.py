@@ -11,6 +11,7 @@ from sqlalchemy import insert
 from engine.db.database import Database
 from engine.db.schema import (
     audience_members,
+    emails,
     enrollments,
     events,
     goals,
@@ -133,7 +134,7 @@ async def add_journey_rows(db: Database, lead_id: int) -> None:
             },
         )
         queued = [
-            ("email.send", "order_thanks", "sent"),
+            ("email.send", "order_thanks", "dispatched"),
             ("offer.grant", "free_install", "granted"),
             ("sequence.start", "door_tips", "pending"),
             ("audience.add", "site_visitors", "done"),
@@ -154,6 +155,24 @@ async def add_journey_rows(db: Database, lead_id: int) -> None:
                 }
                 for n, (action, target, status) in enumerate(queued)
             ],
+        )
+        await connection.execute(
+            insert(emails),
+            {
+                "idempotency_key": "k0",
+                "lead_id": lead_id,
+                "enrollment_id": second,
+                "journey_id": "doors",
+                "stage": "first_contact",
+                "template": "order_thanks",
+                "status": "sent",
+                "due_at": NOW - timedelta(minutes=30),
+                "attempts": 1,
+                "message_id": "<1@cjm.test>",
+                "created_at": NOW - timedelta(minutes=30),
+                "updated_at": NOW - timedelta(minutes=29),
+                "sent_at": NOW - timedelta(minutes=29),
+            },
         )
         await connection.execute(
             insert(audience_members),
@@ -257,6 +276,11 @@ async def test_a_lead_shows_its_ids_journeys_history_timers_and_channels(
             "journey": "doors",
             "status": "sent",
             "queued_at": iso(NOW - timedelta(minutes=30)),
+            "due_at": iso(NOW - timedelta(minutes=30)),
+            "sent_at": iso(NOW - timedelta(minutes=29)),
+            "attempts": 1,
+            "last_error": None,
+            "message_id": "<1@cjm.test>",
         }
     ]
     assert [(o["offer"], o["status"]) for o in lead["offers"]] == [("free_install", "granted")]

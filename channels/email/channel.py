@@ -1,0 +1,112 @@
+"""The email channel of one process: dispatching from the outbox and sending, on a schedule.
+
+Every process running a worker runs one; they share the work through the database
+(claims skip each other's rows), never through memory. APScheduler only paces the
+two jobs; what is due is decided by the `emails` rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from channels.email.links import Links
+from channels.email.outbox import dispatch
+from channels.email.sender import Sender
+from channels.email.templates import EmailTemplates
+from channels.email.transport import EmlDirectory, SmtpTransport, Transport
+from engine.clock import Clock
+from engine.config import Settings
+from engine.db.database import Database
+from engine.machine.book import JourneyBook
+
+log = logging.getLogger("cjm.email")
+
+INTERVAL_S = 0.5
+# The embedded default when no SMTP server is configured.
+EML_DIRECTORY = Path("var/outbox")
+
+
+class EmailChannel:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        clock: Clock,
+        book: JourneyBook,
+        links: Links,
+        eml_directory: Path = EML_DIRECTORY,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.transport: Transport = (
+            SmtpTransport(settings.smtp_url) if settings.smtp_url else EmlDirectory(eml_directory)
+        )
+        self.sender = Sender(
+            db=db,
+            clock=clock,
+            book=book,
+            links=links,
+            templates=EmailTemplates(settings.templates_dir),
+            transport=self.transport,
+            sender=settings.email_from,
+        )
+        self._scheduler: AsyncIOScheduler | None = None
+        # Held by a running job, so that stop() lets it finish before the database closes.
+        self._dispatching = asyncio.Lock()
+        self._sending = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._scheduler = AsyncIOScheduler()
+        for job, name in ((self._dispatch_job, "email-dispatch"), (self._send_job, "email-send")):
+            self._scheduler.add_job(
+                job,
+                "interval",
+                seconds=INTERVAL_S,
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        self._scheduler.start()
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+            async with self._dispatching, self._sending:
+                pass
+        await self.transport.close()
+
+    async def run_once(self) -> None:
+        """Dispatch every pending effect, then send everything due: for tests and one-shot runs."""
+        await self.dispatch_all()
+        await self.send_all()
+
+    async def dispatch_all(self) -> None:
+        async with self._dispatching:
+            while True:
+                async with self.db.write() as connection:
+                    if not await dispatch(connection, self.clock.now()):
+                        return
+
+    async def send_all(self) -> None:
+        async with self._sending:
+            while await self.sender.send_due():
+                pass
+
+    async def _dispatch_job(self) -> None:
+        try:
+            await self.dispatch_all()
+        except Exception:
+            log.exception("email dispatch failed; retrying at the next run")
+
+    async def _send_job(self) -> None:
+        try:
+            await self.send_all()
+        except Exception:
+            log.exception("email sending failed; retrying at the next run")

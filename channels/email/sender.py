@@ -1,0 +1,353 @@
+"""The sender: claims due emails, sends them, records what happened to each.
+
+An email is claimed by setting it to `sending` with a lease, committed before any
+SMTP traffic, so no other sender (in this process or another) takes it meanwhile.
+Its outcome is recorded only if the row is still `sending` under that same lease:
+a sender that lost its lease cannot overwrite or double-report a result.
+
+If a process dies between handing a message to the SMTP server and recording it,
+the row stays `sending` until the lease expires and the message is then sent again.
+No protocol closes that gap (the server's acceptance and our commit cannot be one
+transaction), so delivery is at-least-once at the SMTP edge and exactly-once
+everywhere else: one row per idempotency key, one recorded outcome per row, one
+internal event per outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.utils import parseaddr
+from typing import Any
+
+from jinja2 import TemplateError
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from channels.email.links import Links
+from channels.email.message import build_message
+from channels.email.templates import EmailTemplates
+from channels.email.transport import PermanentFailure, TransientFailure, Transport
+from engine.clock import Clock
+from engine.db.database import Database
+from engine.db.queries import upsert
+from engine.db.schema import emails, enrollments, leads, suppressions
+from engine.ingest.internal import emit
+from engine.machine.book import JourneyBook
+
+log = logging.getLogger("cjm.email")
+
+QUEUED, SENDING, SENT, DEFERRED = "queued", "sending", "sent", "deferred"
+FAILED, SUPPRESSED, SKIPPED = "failed", "suppressed", "skipped"
+DUE = (QUEUED, DEFERRED, SENDING)  # SENDING is due again once its lease has expired
+
+# Long enough for a slow SMTP server, short enough that a crashed sender's emails
+# go out again within minutes.
+LEASE = timedelta(minutes=5)
+MAX_ATTEMPTS = 8
+FIRST_RETRY = timedelta(seconds=30)
+LONGEST_RETRY = timedelta(hours=1)
+# Spreads the retries of a burst that failed together (a server restart) apart.
+JITTER = 0.2
+BATCH = 100
+CONCURRENCY = 8
+# A merge chain longer than this is a bug, not data.
+MAX_MERGE_DEPTH = 16
+NO_ADDRESS = "no email address"
+
+
+def retry_delay(attempts: int, rng: random.Random) -> timedelta:
+    """The wait before the next try after `attempts` failed ones: doubling from 30 s,
+    at most an hour, give or take 20%."""
+    base: timedelta = min(FIRST_RETRY * 2**attempts, LONGEST_RETRY)
+    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one try, as it is recorded."""
+
+    status: str
+    lead_id: int
+    error: str | None = None
+    to_address: str | None = None
+    message_id: str | None = None
+    retry_at: datetime | None = None
+    event: str | None = None  # the internal event reporting it, if any
+    suppress: bool = False  # the address bounced: never mail it again
+    attempted: bool = False  # handed to the transport: counts as an attempt
+
+
+class Sender:
+    """Sends what is due, `concurrency` emails at a time."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        clock: Clock,
+        book: JourneyBook,
+        links: Links,
+        templates: EmailTemplates,
+        transport: Transport,
+        sender: str,
+        batch: int = BATCH,
+        concurrency: int = CONCURRENCY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.book = book
+        self.links = links
+        self.templates = templates
+        self.transport = transport
+        self.sender = sender
+        self.batch = batch
+        self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+        self._slots = asyncio.Semaphore(concurrency)
+        self._rng = rng or random.Random()
+
+    async def send_due(self) -> int:
+        """Claim one batch of due emails and settle each; returns how many were claimed."""
+        now = self.clock.now()
+        lease = now + LEASE
+        async with self.db.write() as connection:
+            claimed = await claim_due_emails(connection, now, lease, self.batch)
+        await asyncio.gather(*(self._settle(email, lease) for email in claimed))
+        return len(claimed)
+
+    async def _settle(self, email: Any, lease: datetime) -> None:
+        async with self._slots:
+            try:
+                outcome = await self._attempt(email)
+                await self._record(email, lease, outcome)
+            except Exception:
+                # The row keeps its lease and is tried again when it expires.
+                log.exception("email %s: sending or recording failed", email.id)
+
+    async def _attempt(self, email: Any) -> Outcome:
+        async with self.db.read() as connection:
+            lead = await select_live_lead(connection, email.lead_id)
+            address = _address(lead.traits if lead is not None else {})
+            lead_id = lead.id if lead is not None else email.lead_id
+            if lead is None or address is None:
+                return Outcome(SKIPPED, lead_id, error=NO_ADDRESS)
+            reason = await select_suppression(connection, address.lower())
+            version = await select_enrollment_version(connection, email.enrollment_id)
+        if reason is not None:
+            return Outcome(SUPPRESSED, lead_id, error=f"address suppressed ({reason})")
+        try:
+            message = self._compose(email, lead_id, lead.traits, address, version)
+        except (TemplateError, ValueError) as error:  # a header with a line break is a ValueError
+            error_text = f"cannot render: {error}"
+            return Outcome(
+                FAILED, lead_id, error=error_text, to_address=address, event="email.failed"
+            )
+        try:
+            await self.transport.send(message)
+        except TransientFailure as error:
+            return self._after_transient(email, lead_id, address, error.reason)
+        except PermanentFailure as error:
+            bounced = error.recipient_refused
+            return Outcome(
+                FAILED,
+                lead_id,
+                error=str(error),
+                to_address=address,
+                event="email.bounced" if bounced else "email.failed",
+                suppress=bounced,
+                attempted=True,
+            )
+        return Outcome(
+            SENT,
+            lead_id,
+            to_address=address,
+            message_id=str(message["Message-ID"]),
+            event="email.sent",
+            attempted=True,
+        )
+
+    def _after_transient(self, email: Any, lead_id: int, address: str, reason: str) -> Outcome:
+        """Deferred with backoff, or failed for good once the attempts are used up."""
+        if email.attempts + 1 >= MAX_ATTEMPTS:
+            return Outcome(
+                FAILED,
+                lead_id,
+                error=f"gave up after {MAX_ATTEMPTS} attempts: {reason}",
+                to_address=address,
+                event="email.failed",
+                attempted=True,
+            )
+        return Outcome(
+            DEFERRED,
+            lead_id,
+            error=reason,
+            to_address=address,
+            retry_at=self.clock.now() + retry_delay(email.attempts, self._rng),
+            attempted=True,
+        )
+
+    def _compose(
+        self,
+        email: Any,
+        lead_id: int,
+        traits: Mapping[str, Any],
+        address: str,
+        version: int | None,
+    ) -> EmailMessage:
+        journey = self.book.versions.get((email.journey_id, version or 0)) or self.book.current.get(
+            email.journey_id
+        )
+        stage = journey.stage_by_id.get(email.stage or "") if journey is not None else None
+        unsubscribe_url = self.links.unsubscribe(email.id, lead_id)
+        rendered = self.templates.render(
+            email.template,
+            lead=traits,
+            offer=None,
+            journey=(email.journey_id, journey.name if journey is not None else email.journey_id),
+            stage=(email.stage or "", stage.title if stage is not None else email.stage or ""),
+            unsubscribe_url=unsubscribe_url,
+        )
+        return build_message(
+            rendered,
+            sender=self.sender,
+            to=address,
+            message_id_domain=self._domain,
+            unsubscribe_url=unsubscribe_url,
+            click_url=lambda url: self.links.click(email.id, lead_id, url),
+            open_pixel_url=self.links.open_pixel(email.id, lead_id),
+            now=self.clock.now(),
+        )
+
+    async def _record(self, email: Any, lease: datetime, outcome: Outcome) -> None:
+        now = self.clock.now()
+        values: dict[str, Any] = {
+            "status": outcome.status,
+            "last_error": outcome.error,
+            "to_address": outcome.to_address,
+            "lease_until": None,
+            "updated_at": now,
+        }
+        if outcome.attempted:
+            values["attempts"] = email.attempts + 1
+        if outcome.retry_at is not None:
+            values["due_at"] = outcome.retry_at
+        if outcome.status == SENT:
+            values["sent_at"] = now
+            values["message_id"] = outcome.message_id
+        async with self.db.write() as connection:
+            if not await record_outcome(connection, email.id, lease, values):
+                log.warning("email %s: lease lost before recording %s", email.id, outcome.status)
+                return
+            if outcome.suppress and outcome.to_address is not None:
+                await insert_suppression(
+                    connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
+                )
+            if outcome.event is not None:
+                properties = {"template": email.template, "journey": email.journey_id}
+                if outcome.error is not None:
+                    properties["reason"] = outcome.error
+                await emit(
+                    connection,
+                    lead_id=outcome.lead_id,
+                    name=outcome.event,
+                    properties=properties,
+                    at=now,
+                    key=f"{outcome.event}:{email.id}",
+                )
+
+
+def _address(traits: Mapping[str, Any]) -> str | None:
+    value = traits.get("email")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+# --- the queries -------------------------------------------------------------------------------
+
+
+async def claim_due_emails(
+    connection: AsyncConnection, now: datetime, lease: datetime, limit: int
+) -> list[Any]:
+    """Due emails not leased by another sender, now leased until `lease`."""
+    claimed = list(
+        await connection.execute(
+            select(emails)
+            .where(
+                emails.c.status.in_(DUE),
+                emails.c.due_at <= now,
+                or_(emails.c.lease_until.is_(None), emails.c.lease_until <= now),
+            )
+            .order_by(emails.c.due_at, emails.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if claimed:
+        await connection.execute(
+            update(emails)
+            .where(emails.c.id.in_([row.id for row in claimed]))
+            .values(status=SENDING, lease_until=lease, updated_at=now)
+        )
+    return claimed
+
+
+async def record_outcome(
+    connection: AsyncConnection, email_id: int, lease: datetime, values: dict[str, Any]
+) -> bool:
+    """Whether the email was still ours (sending under `lease`) and is now recorded."""
+    result = await connection.execute(
+        update(emails)
+        .where(emails.c.id == email_id, emails.c.status == SENDING, emails.c.lease_until == lease)
+        .values(values)
+    )
+    return result.rowcount == 1
+
+
+async def select_live_lead(connection: AsyncConnection, lead_id: int) -> Any:
+    """The lead `lead_id` is now: itself, or the lead it was merged into; None if unknown."""
+    for _ in range(MAX_MERGE_DEPTH):
+        lead = (
+            await connection.execute(
+                select(leads.c.id, leads.c.traits, leads.c.merged_into).where(leads.c.id == lead_id)
+            )
+        ).first()
+        if lead is None or lead.merged_into is None:
+            return lead
+        lead_id = lead.merged_into
+    return None
+
+
+async def select_suppression(connection: AsyncConnection, address: str) -> str | None:
+    """Why the (lowercased) address must not be mailed, or None."""
+    reason: str | None = await connection.scalar(
+        select(suppressions.c.reason).where(suppressions.c.email == address)
+    )
+    return reason
+
+
+async def select_enrollment_version(
+    connection: AsyncConnection, enrollment_id: int | None
+) -> int | None:
+    if enrollment_id is None:
+        return None
+    version: int | None = await connection.scalar(
+        select(enrollments.c.version).where(enrollments.c.id == enrollment_id)
+    )
+    return version
+
+
+async def insert_suppression(
+    connection: AsyncConnection, address: str, reason: str, lead_id: int, now: datetime
+) -> None:
+    """An address already suppressed keeps its first reason."""
+    await connection.execute(
+        upsert(connection, suppressions).on_conflict_do_nothing(index_elements=["email"]),
+        [{"email": address, "reason": reason, "lead_id": lead_id, "created_at": now}],
+    )
