@@ -72,6 +72,8 @@ class Worker:
                     pass
                 if self._old_versions_left:
                     self._old_versions_left = await self.processor.process_old_versions() > 0
+            except asyncio.CancelledError:
+                return  # the process is stopping: the next start sweeps again
             except Exception:
                 log.exception("timer sweep failed; retrying at the next sweep")
 

@@ -81,6 +81,19 @@ def start_server(env: dict[str, str], log: Path) -> Server:
     pytest.fail(f"cjm serve did not answer within 30 s:\n{log.read_text()}")
 
 
+def refused_start(args: tuple[str, ...], env: dict[str, str]) -> tuple[int, str]:
+    """Run a `cjm` command that should exit on its own: its exit code and stderr.
+    Killed if it is still running after a minute (it started when it should not have)."""
+    process = cjm(*args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, err
+
+
 def stop_server(server: Server) -> None:
     server.process.terminate()
     try:

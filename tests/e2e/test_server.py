@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import ROOT, Server, cjm, start_server, stop_server
+from tests.e2e.conftest import ROOT, Server, refused_start, start_server, stop_server
 
 QUICK = """\
 id: quick
@@ -120,15 +120,11 @@ def test_serve_loads_the_example_journeys_by_default(serve: Serve, database_url:
 
 def test_serve_refuses_to_start_with_an_invalid_journey(tmp_path: Path) -> None:
     env = _journeys(tmp_path, QUICK.replace("to: reminded}", "to: remindd}"))
-    process = cjm(
-        "serve",
-        env={**env, "CJM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cjm.db'}"},
-        stdout=-1,
-        stderr=-1,
+    returncode, err = refused_start(
+        ("serve",), {**env, "CJM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cjm.db'}"}
     )
-    _, err = process.communicate(timeout=60)
 
-    assert process.returncode == 1
+    assert returncode == 1
     assert re.search(
         r"quick\.yaml:\d+: stage 'browsing': transition to unknown stage 'remindd'", err
     )
@@ -182,13 +178,9 @@ def test_serve_refuses_to_start_with_a_template_that_would_break_on_a_lead(
         "{% block subject %}Hi{% endblock %}\n{% block html %}\n<p>{{ lead.fist_name }}</p>\n"
         "{% endblock %}\n"
     )
-    process = cjm(
-        "serve",
-        env={**env, "CJM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cjm.db'}"},
-        stdout=-1,
-        stderr=-1,
+    returncode, err = refused_start(
+        ("serve",), {**env, "CJM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cjm.db'}"}
     )
-    _, err = process.communicate(timeout=60)
 
-    assert process.returncode == 1
+    assert returncode == 1
     assert re.search(r"hello\.j2:3: undefined: lead\.fist_name", err), err
