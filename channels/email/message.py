@@ -18,6 +18,11 @@ from urllib.parse import urlsplit
 
 from channels.email.templates import RenderedEmail
 
+# RFC 5322's own line limit. With the default 78, a long header without spaces (our
+# signed List-Unsubscribe URL) is folded into RFC 2047 encoded words, which mail
+# clients do not decode in List-Unsubscribe: the one-click link would be lost.
+POLICY = SMTP.clone(max_line_length=998)
+
 # An <a> start tag; quoted attribute values may contain ">".
 _ANCHOR = re.compile(r"""<a(?=[\s/>])((?:[^>"']|"[^"]*"|'[^']*')*)>""", re.IGNORECASE)
 # One attribute inside a start tag, the way HTML tokenises them: a name, then maybe a
@@ -53,7 +58,7 @@ def build_message(
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware: a Date header needs an offset")
 
-    message = EmailMessage(policy=SMTP)
+    message = EmailMessage(policy=POLICY)
     message["Message-ID"] = make_msgid(domain=message_id_domain)
     message["Date"] = format_datetime(now)
     message["From"] = sender

@@ -34,14 +34,17 @@ def click(url: str) -> str:
 
 
 def build(
-    subject: str = "Doors for Ada", to: str = "Ada <ada@example.com>", html: str = HTML
+    subject: str = "Doors for Ada",
+    to: str = "Ada <ada@example.com>",
+    html: str = HTML,
+    unsubscribe_url: str = UNSUBSCRIBE,
 ) -> EmailMessage:
     return build_message(
         RenderedEmail(subject=subject, html=html, text=TEXT),
         sender="Shop <news@shop.example.com>",
         to=to,
         message_id_domain="shop.example.com",
-        unsubscribe_url=UNSUBSCRIBE,
+        unsubscribe_url=unsubscribe_url,
         click_url=click,
         open_pixel_url=PIXEL,
         now=NOW,
@@ -90,6 +93,14 @@ def test_one_click_unsubscribe_headers_follow_rfc_8058() -> None:
 
     assert message["List-Unsubscribe"] == f"<{UNSUBSCRIBE}>"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_a_long_signed_unsubscribe_url_is_written_as_is_not_encoded() -> None:
+    long_url = "https://cjm.example/e/unsubscribe/" + "t" * 140 + "." + "s" * 22
+    message = build(unsubscribe_url=long_url)
+
+    raw = message.as_bytes()
+    assert f"\r\nList-Unsubscribe: <{long_url}>\r\n".encode() in raw
 
 
 def test_web_links_go_through_the_click_url_with_the_unescaped_original() -> None:
