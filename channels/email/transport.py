@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -97,10 +97,17 @@ class SmtpTransport:
         async with self._slots:
             client = await self._checkout()
             try:
-                refused, _ = await client.send_message(message)
+                refused, _ = await client.sendmail(
+                    _envelope_sender(message), _recipients(message), _wire_bytes(message)
+                )
             except SMTPException as error:
                 self._checkin(client, reusable=_keeps_session(error))
                 raise _translate(error) from error
+            except UnicodeEncodeError as error:  # a non-ASCII address, no SMTPUTF8 here
+                self._checkin(client, reusable=True)
+                raise PermanentFailure(
+                    f"the server cannot take this address: {error}", None
+                ) from error
             except BaseException:  # cancelled half-way through a transaction
                 client.close()
                 raise
@@ -145,6 +152,23 @@ class SmtpTransport:
             self._idle.append(client)
         else:
             client.close()
+
+
+def _wire_bytes(message: EmailMessage) -> bytes:
+    """The message as built, under its own policy, with CRLF line ends.
+
+    `send_message` and a plain SMTP policy would fold it again at 78 columns, which
+    turns a long List-Unsubscribe URL into encoded words that mail clients ignore.
+    """
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+def _envelope_sender(message: EmailMessage) -> str:
+    return parseaddr(str(message["From"] or ""))[1]
+
+
+def _recipients(message: EmailMessage) -> list[str]:
+    return [address for _, address in getaddresses(message.get_all("To", []))]
 
 
 def _keeps_session(error: SMTPException) -> bool:
@@ -203,7 +227,7 @@ class EmlDirectory:
         descriptor, temporary = tempfile.mkstemp(dir=self.path, prefix=".", suffix=".tmp")
         try:
             with os.fdopen(descriptor, "wb") as file:
-                file.write(message.as_bytes(policy=SMTP_POLICY))
+                file.write(_wire_bytes(message))
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.path / name)

@@ -119,7 +119,14 @@ async def transport(server_url: str) -> AsyncIterator[SmtpTransport]:
         await transport.close()
 
 
-def message(to: str = "ada@example.com", subject: str = "Doors for Ada") -> EmailMessage:
+LONG_UNSUBSCRIBE = "https://cjm.example.com/e/unsubscribe/" + "t" * 140 + "." + "s" * 22
+
+
+def message(
+    to: str = "ada@example.com",
+    subject: str = "Doors for Ada",
+    unsubscribe_url: str = "https://cjm.example.com/u/tok",
+) -> EmailMessage:
     return build_message(
         RenderedEmail(
             subject=subject,
@@ -129,7 +136,7 @@ def message(to: str = "ada@example.com", subject: str = "Doors for Ada") -> Emai
         sender="news@shop.example.com",
         to=to,
         message_id_domain="shop.example.com",
-        unsubscribe_url="https://cjm.example.com/u/tok",
+        unsubscribe_url=unsubscribe_url,
         click_url=lambda url: "https://cjm.example.com/c/tok",
         open_pixel_url="https://cjm.example.com/o/tok",
         now=datetime(2025, 3, 4, 9, 30, tzinfo=UTC),
@@ -336,3 +343,23 @@ async def test_the_eml_directory_names_files_in_sending_order(tmp_path: Path) ->
     names = [path.name for path in written(tmp_path)]
     assert first["Message-ID"].strip("<>") in names[0]
     assert second["Message-ID"].strip("<>") in names[1]
+
+
+async def test_a_long_list_unsubscribe_reaches_the_server_and_the_file_as_written(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    server = Controller(recorder, hostname="127.0.0.1", port=free_port())
+    server.start()
+    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", timeout=5)
+    try:
+        await transport.send(message(unsubscribe_url=LONG_UNSUBSCRIBE))
+    finally:
+        await transport.close()
+        server.stop()
+    await EmlDirectory(tmp_path).send(message(unsubscribe_url=LONG_UNSUBSCRIBE))
+
+    header = f"List-Unsubscribe: <{LONG_UNSUBSCRIBE}>".encode()
+    (envelope,) = recorder.envelopes
+    assert header in bytes(envelope.original_content or b"")
+    (path,) = written(tmp_path)
+    assert header in read(path)
