@@ -22,6 +22,7 @@ from engine.clock import Clock
 from engine.config import Settings
 from engine.db.database import Database
 from engine.machine.book import JourneyBook
+from engine.scheduling import start_periodic
 
 log = logging.getLogger("cjm.email")
 
@@ -61,18 +62,9 @@ class EmailChannel:
         self._sending = asyncio.Lock()
 
     async def start(self) -> None:
-        self._scheduler = AsyncIOScheduler()
-        for job, name in ((self._dispatch_job, "email-dispatch"), (self._send_job, "email-send")):
-            self._scheduler.add_job(
-                job,
-                "interval",
-                seconds=INTERVAL_S,
-                id=name,
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=None,
-            )
-        self._scheduler.start()
+        self._scheduler = start_periodic(
+            [("email-dispatch", self._dispatch_job), ("email-send", self._send_job)], INTERVAL_S
+        )
 
     async def stop(self) -> None:
         if self._scheduler is not None:

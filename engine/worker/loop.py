@@ -16,6 +16,7 @@ import logging
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from engine.scheduling import start_periodic
 from engine.worker.processor import Processor
 
 log = logging.getLogger("cjm.worker")
@@ -40,17 +41,7 @@ class Worker:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._process_events(), name="cjm-events")
-        self._scheduler = AsyncIOScheduler()
-        self._scheduler.add_job(
-            self.sweep,
-            "interval",
-            seconds=SWEEP_INTERVAL_S,
-            id="timer-sweep",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        self._scheduler.start()
+        self._scheduler = start_periodic([("timer-sweep", self.sweep)], SWEEP_INTERVAL_S)
 
     async def stop(self) -> None:
         if self._scheduler is not None:
