@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import CLICK, OPEN, UNSUBSCRIBE
 from channels.email.tokens import BadToken
-from engine.db.queries import upsert
+from engine.db.queries import select_survivors, upsert
 from engine.db.schema import emails, leads, suppressions
 from engine.ingest.internal import emit
 
@@ -44,9 +44,6 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
 }
 REDIRECT_SCHEMES = frozenset({"http", "https"})
-# A lead merged into another is followed this far at most: chains are short, and a
-# cycle (which merges never make) must not hang a request.
-MAX_MERGE_HOPS = 16
 
 STYLE = "body{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem}"
 CONFIRM_BODY = """\
@@ -220,18 +217,8 @@ async def _lead_exists(connection: AsyncConnection, lead_id: int) -> bool:
 
 async def _lead_address(connection: AsyncConnection, lead_id: int) -> str | None:
     """The lead's current email, following merges to the lead it became."""
-    for _ in range(MAX_MERGE_HOPS):
-        row = (
-            await connection.execute(
-                select(leads.c.email, leads.c.merged_into).where(leads.c.id == lead_id)
-            )
-        ).first()
-        if row is None:
-            return None
-        if row.merged_into is None:
-            return row.email if isinstance(row.email, str) else None
-        lead_id = row.merged_into
-    return None
+    lead = (await select_survivors(connection, [lead_id])).get(lead_id)
+    return lead.email if lead is not None and isinstance(lead.email, str) else None
 
 
 def _pixel() -> Response:

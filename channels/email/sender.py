@@ -35,8 +35,8 @@ from channels.email.templates import EmailTemplates
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
 from engine.clock import Clock
 from engine.db.database import Database
-from engine.db.queries import upsert
-from engine.db.schema import emails, enrollments, leads, suppressions
+from engine.db.queries import select_survivors, upsert
+from engine.db.schema import emails, enrollments, suppressions
 from engine.ingest.internal import emit
 from engine.machine.book import JourneyBook
 
@@ -56,8 +56,6 @@ LONGEST_RETRY = timedelta(hours=1)
 JITTER = 0.2
 BATCH = 100
 CONCURRENCY = 8
-# A merge chain longer than this is a bug, not data.
-MAX_MERGE_DEPTH = 16
 NO_ADDRESS = "no email address"
 
 
@@ -132,7 +130,7 @@ class Sender:
 
     async def _attempt(self, email: Any) -> Outcome:
         async with self.db.read() as connection:
-            lead = await select_live_lead(connection, email.lead_id)
+            lead = (await select_survivors(connection, [email.lead_id])).get(email.lead_id)
             address = _address(lead.traits if lead is not None else {})
             lead_id = lead.id if lead is not None else email.lead_id
             if lead is None or address is None:
@@ -308,20 +306,6 @@ async def record_outcome(
         .values(values)
     )
     return result.rowcount == 1
-
-
-async def select_live_lead(connection: AsyncConnection, lead_id: int) -> Any:
-    """The lead `lead_id` is now: itself, or the lead it was merged into; None if unknown."""
-    for _ in range(MAX_MERGE_DEPTH):
-        lead = (
-            await connection.execute(
-                select(leads.c.id, leads.c.traits, leads.c.merged_into).where(leads.c.id == lead_id)
-            )
-        ).first()
-        if lead is None or lead.merged_into is None:
-            return lead
-        lead_id = lead.merged_into
-    return None
 
 
 async def select_suppression(connection: AsyncConnection, address: str) -> str | None:

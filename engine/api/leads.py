@@ -8,7 +8,7 @@ number of journeys, timers or emails.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -29,6 +29,7 @@ from engine.api.schemas import (
     SequenceView,
     TimerView,
 )
+from engine.db.queries import MAX_MERGE_DEPTH, select_survivors
 from engine.db.schema import (
     audience_members,
     emails,
@@ -51,7 +52,6 @@ Record = Row[*tuple[Any, ...]]
 
 
 # Merges chain (A into B, later B into C); a longer chain than this is a bug, not data.
-MAX_MERGE_DEPTH = 16
 # Ids and emails never hold NUL (ingestion refuses it, and PostgreSQL cannot compare it).
 NO_NUL = r"^[^\x00]*$"
 RECENT_EVENTS = 50
@@ -242,37 +242,6 @@ def _timeout_target(book: JourneyBook, enrollment: Record, timer: Record) -> str
 
 
 # --- the queries -------------------------------------------------------------------------------
-
-
-async def select_survivors(
-    connection: AsyncConnection, lead_ids: Collection[int]
-) -> dict[int, Record]:
-    """For each id, the lead that survives it: itself, or the end of its `merged_into` chain.
-
-    Unknown ids are left out. One query per level of merging, usually one in all.
-    """
-    rows: dict[int, Record] = {}
-    wanted = set(lead_ids)
-    for _ in range(MAX_MERGE_DEPTH):
-        if not wanted:
-            break
-        result = await connection.execute(select(leads).where(leads.c.id.in_(wanted)))
-        rows.update((row.id, row) for row in result)
-        wanted = {
-            row.merged_into
-            for row in rows.values()
-            if row.merged_into is not None and row.merged_into not in rows
-        }
-    survivors: dict[int, Record] = {}
-    for lead_id in lead_ids:
-        row = rows.get(lead_id)
-        for _ in range(MAX_MERGE_DEPTH):
-            if row is None or row.merged_into is None:
-                break
-            row = rows.get(row.merged_into)
-        if row is not None and row.merged_into is None:
-            survivors[lead_id] = row
-    return survivors
 
 
 async def select_merged_ids(connection: AsyncConnection, lead_id: int) -> list[int]:

@@ -9,7 +9,7 @@ locking clause: there the writer connection's `BEGIN IMMEDIATE` serializes all w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -122,6 +122,41 @@ async def lock_live_lead(connection: AsyncConnection, lead_id: int) -> int | Non
         if row.merged_into is None:
             return int(row.id)
         lead_id = row.merged_into
+
+
+# A merge chain longer than this is a bug, not data.
+MAX_MERGE_DEPTH = 16
+
+
+async def select_survivors(
+    connection: AsyncConnection, lead_ids: Collection[int]
+) -> dict[int, Any]:
+    """For each id, the lead that survives it: itself, or the end of its `merged_into` chain.
+
+    Unknown ids are left out. One query per level of merging, usually one in all.
+    """
+    rows: dict[int, Any] = {}
+    wanted = set(lead_ids)
+    for _ in range(MAX_MERGE_DEPTH):
+        if not wanted:
+            break
+        result = await connection.execute(select(leads).where(leads.c.id.in_(wanted)))
+        rows.update((row.id, row) for row in result)
+        wanted = {
+            row.merged_into
+            for row in rows.values()
+            if row.merged_into is not None and row.merged_into not in rows
+        }
+    survivors: dict[int, Any] = {}
+    for lead_id in lead_ids:
+        row = rows.get(lead_id)
+        for _ in range(MAX_MERGE_DEPTH):
+            if row is None or row.merged_into is None:
+                break
+            row = rows.get(row.merged_into)
+        if row is not None and row.merged_into is None:
+            survivors[lead_id] = row
+    return survivors
 
 
 # --- loading a batch -----------------------------------------------------------------------------
