@@ -1,4 +1,4 @@
-"""The worker's queries, named and kept together: the database contract in one place.
+"""The engine's queries, named and kept together: the database contract in one place.
 
 Every function takes an open connection inside the caller's transaction. Claims lock
 `leads` rows with `FOR UPDATE SKIP LOCKED` on PostgreSQL, so any number of workers
