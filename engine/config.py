@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from channels.email.pacing import FrequencyCap, load_zone
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cjm.db"
 
 
@@ -38,6 +40,18 @@ class Settings:
         port = get("PORT")
         if port is not None and not port.isdigit():
             raise ValueError(f"CJM_PORT must be a port number, not {port!r}")
+        # Checked here so a typo stops the start with its variable's name, not a later send.
+        default_timezone = get("DEFAULT_TIMEZONE") or cls.default_timezone
+        try:
+            load_zone(default_timezone)
+        except ValueError as error:
+            raise ValueError(f"CJM_DEFAULT_TIMEZONE: {error}") from None
+        frequency_cap = get("FREQUENCY_CAP")
+        if frequency_cap is not None:
+            try:
+                FrequencyCap.parse(frequency_cap)
+            except ValueError as error:
+                raise ValueError(f"CJM_FREQUENCY_CAP: {error}") from None
         return cls(
             database_url=get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             journeys_dir=Path(get("JOURNEYS_DIR") or "journeys"),
@@ -50,7 +64,7 @@ class Settings:
             signing_secret=get("SIGNING_SECRET"),
             host=get("HOST") or cls.host,
             port=int(port) if port else cls.port,
-            default_timezone=get("DEFAULT_TIMEZONE") or cls.default_timezone,
+            default_timezone=default_timezone,
             default_region=get("DEFAULT_REGION"),
-            frequency_cap=get("FREQUENCY_CAP"),
+            frequency_cap=frequency_cap,
         )

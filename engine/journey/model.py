@@ -420,7 +420,12 @@ Clock = Annotated[str, AfterValidator(_check_clock)]
 
 
 class Window(Frozen):
-    """When a sequence may send, in the lead's own timezone."""
+    """When a sequence may send, in the lead's own timezone.
+
+    Sending is allowed from `from_` up to, not including, `to` on the listed `days`. A `to`
+    earlier than `from_` wraps past midnight, and the window belongs to the day it opens on:
+    fri 20:00 to 08:00 runs from Friday evening to Saturday morning.
+    """
 
     from_: Clock = Field(alias="from")
     to: Clock
@@ -432,6 +437,16 @@ class Window(Frozen):
         if not days:
             raise ValueError("a window needs at least one day")
         return days
+
+    @model_validator(mode="after")
+    def _opens_and_closes_apart(self) -> Window:
+        # Equal ends could mean an empty window or a whole day: refuse to guess.
+        if self.from_ == self.to:
+            raise ValueError(
+                f"a window opens and closes at different times, not both at {self.from_}; "
+                'past midnight is fine, like from: "20:00", to: "08:00"'
+            )
+        return self
 
 
 class Sequence(Frozen):

@@ -283,6 +283,26 @@ def test_bad_weekday_in_a_list_names_the_list(tmp_path: Path) -> None:
     ]
 
 
+def test_window_that_closes_when_it_opens_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "demo.yaml",
+        minimal()
+        + textwrap.dedent(
+            """\
+            sequences:
+              tips:
+                window: {from: "09:00", to: "09:00"}
+                steps: [{wait: 1d}]
+            """
+        ),
+    )
+    assert errors_of(path) == [
+        f"{path}:9: a window opens and closes at different times, not both at 09:00; "
+        'past midnight is fine, like from: "20:00", to: "08:00"'
+    ]
+
+
 def test_unknown_action_lists_the_actions(tmp_path: Path) -> None:
     path = write(
         tmp_path,
