@@ -7,7 +7,8 @@ import json
 import logging
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -23,6 +24,9 @@ from engine.db.migrate import DatabaseNotMigrated
 from engine.journey import Journey, JourneyErrors, load_journeys
 from engine.journey.model import EmailSend
 from engine.runtime import Runtime, load_checked_journeys
+
+# Lead ids are 64-bit database ids.
+MAX_LEAD_ID = 2**63 - 1
 
 app = typer.Typer(
     help="cjm runs customer journey maps: YAML maps of a segment, executed as state machines.",
@@ -177,6 +181,14 @@ def preview(
     traits: Annotated[
         Path | None, typer.Option(help="A JSON object of the lead's traits (default: a sample).")
     ] = None,
+    lead_id: Annotated[
+        int | None,
+        typer.Option(
+            "--lead",
+            help="A lead in the database (CJM_DATABASE_URL): its traits, and its journey and "
+            "stage when it is in one that sends the template.",
+        ),
+    ] = None,
     offer: Annotated[
         str | None, typer.Option(help="An offer of the journey, shown with a sample code.")
     ] = None,
@@ -190,15 +202,27 @@ def preview(
 ) -> None:
     """Render an email template for a lead: print it, or write it to a file."""
     settings = _settings()
-    lead = _read_traits(traits) if traits else SAMPLE_LEAD
-    sender = _sending_journey(settings, template, journey)
+    if lead_id is not None and traits is not None:
+        _fail("--lead and --traits cannot be used together: preview a lead or given traits")
+    found = _read_lead(settings.database_url, lead_id) if lead_id is not None else None
+    if found is not None:
+        lead: Mapping[str, Any] = found.traits
+    else:
+        lead = _read_traits(traits) if traits else SAMPLE_LEAD
+    stages = found.stages if found is not None else {}
+    sender = _sending_journey(settings, template, journey, enrolled=stages)
+    if sender is not None and sender.id in stages:
+        stage = _current_stage(sender, stages[sender.id])
+    else:
+        stage = _sending_stage(sender, template)
     try:
         rendered = EmailTemplates(settings.templates_dir).render(
             template,
             lead=lead,
             offer=_sample_offer(sender, offer) if offer else None,
             journey=(sender.id, sender.name) if sender else ("preview", "Preview"),
-            stage=_sending_stage(sender, template),
+            stage=stage,
+            # Never a real signed link: a preview is not the lead's to unsubscribe with.
             unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL,
         )
     except TemplateError as error:
@@ -225,9 +249,16 @@ def _read_traits(path: Path) -> dict[str, Any]:
     return traits
 
 
-def _sending_journey(settings: Settings, template: str, journey_id: str | None) -> Journey | None:
-    """The journey named, else the first that sends the template: its brand and offers
-    make the preview look like the real email."""
+def _sending_journey(
+    settings: Settings,
+    template: str,
+    journey_id: str | None,
+    *,
+    enrolled: Collection[str] = (),
+) -> Journey | None:
+    """The journey named, else the first that sends the template and the lead is in (of
+    the `enrolled` journey ids), else the first that sends it: its brand and offers make
+    the preview look like the real email."""
     try:
         journeys = load_journeys([settings.journeys_dir])
     except JourneyErrors as error:
@@ -236,7 +267,8 @@ def _sending_journey(settings: Settings, template: str, journey_id: str | None) 
         if journey_id not in journeys:
             _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
         return journeys[journey_id]
-    return next((j for j in journeys if template in j.templates), None)
+    senders = [j for j in journeys if template in j.templates]
+    return next((j for j in senders if j.id in enrolled), senders[0] if senders else None)
 
 
 def _sending_stage(journey: Journey | None, template: str) -> tuple[str, str]:
@@ -251,6 +283,77 @@ def _sending_stage(journey: Journey | None, template: str) -> tuple[str, str]:
         journey.first_stage,
     )
     return (stage.id, stage.title)
+
+
+def _current_stage(journey: Journey, stage_id: str) -> tuple[str, str]:
+    """The stage the lead is in; a stage the journey's file no longer has (the lead runs
+    on an older version) keeps its id for a name, as the sender does."""
+    stage = journey.stage_by_id.get(stage_id)
+    return (stage_id, stage.title if stage is not None else stage_id)
+
+
+@dataclass(frozen=True)
+class _StoredLead:
+    """A lead as the database holds it now, for a preview."""
+
+    traits: dict[str, Any]
+    # Journey id -> the stage of each run the lead is in now.
+    stages: dict[str, str]
+
+
+def _read_lead(database_url: str, lead_id: int) -> _StoredLead:
+    """The lead `lead_id` is now (the survivor when it was merged into another), or say
+    in plain words why it cannot be read and exit 1. Reads only: never migrates."""
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from engine.db.database import Database
+    from engine.db.migrate import ensure_current
+    from engine.db.queries import select_survivors
+    from engine.db.schema import enrollments
+
+    async def read() -> _StoredLead | None:
+        await ensure_current(database_url)
+        db = Database(database_url)
+        try:
+            async with db.read() as connection:
+                row = (await select_survivors(connection, [lead_id])).get(lead_id)
+                if row is None:
+                    return None
+                runs = await connection.execute(
+                    select(enrollments.c.journey_id, enrollments.c.stage).where(
+                        enrollments.c.lead_id == row.id, enrollments.c.state == "active"
+                    )
+                )
+                stages = {run.journey_id: run.stage for run in runs}
+        finally:
+            await db.close()
+        return _StoredLead(traits=dict(row.traits or {}), stages=stages)
+
+    try:
+        url = make_url(database_url)
+    except SQLAlchemyError as error:
+        _fail(f"CJM_DATABASE_URL: {error}")
+    where = url.render_as_string(hide_password=True)
+    if not 1 <= lead_id <= MAX_LEAD_ID:
+        _fail(f"no lead {lead_id}: lead ids are whole numbers from 1")
+    file = url.database or ""
+    is_path = file not in ("", ":memory:") and not file.startswith("file:")
+    # SQLite would create an empty file where there is none: say so instead.
+    if url.get_backend_name() == "sqlite" and is_path and not Path(file).exists():
+        _fail(f"no database at {where}: is CJM_DATABASE_URL right?")
+    try:
+        found = asyncio.run(read())
+    except DatabaseNotMigrated as error:
+        _fail(str(error))
+    except (SQLAlchemyError, OSError, ValueError) as error:
+        # The driver's own words, without SQLAlchemy's wrapping and links.
+        reason = getattr(error, "orig", None) or error
+        _fail(f"cannot read lead {lead_id} from the database at {where}: {reason}")
+    if found is None:
+        _fail(f"no lead {lead_id} in the database at {where}")
+    return found
 
 
 def _sample_offer(journey: Journey | None, name: str) -> OfferView:
