@@ -1,8 +1,9 @@
-"""The email channel of one process: dispatching from the outbox and sending, on a schedule.
+"""The email channel of one process: dispatching from the outbox, walking sequences and
+sending, on a schedule.
 
 Every process running a worker runs one; they share the work through the database
 (claims skip each other's rows), never through memory. APScheduler only paces the
-two jobs; what is due is decided by the `emails` rows.
+jobs; what is due is decided by the `emails` and `sequence_runs` rows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from channels.email.links import Links
 from channels.email.outbox import dispatch
+from channels.email.pacing import FrequencyCap, load_zone
 from channels.email.sender import Sender
+from channels.email.sequences import advance_sequences, dispatch_sequences
 from channels.email.templates import EmailTemplates
 from channels.email.transport import EmlDirectory, SmtpTransport, Transport
 from engine.clock import Clock
@@ -55,13 +58,17 @@ class EmailChannel:
             templates=EmailTemplates(settings.templates_dir),
             transport=self.transport,
             sender=settings.email_from,
+            cap=FrequencyCap.parse(settings.frequency_cap) if settings.frequency_cap else None,
+            zone=load_zone(settings.default_timezone),
         )
+        self.book = book
         self._scheduler: AsyncIOScheduler | None = None
         # Held by a running job, so that stop() lets it finish before the database closes.
         self._dispatching = asyncio.Lock()
         self._sending = asyncio.Lock()
 
     async def start(self) -> None:
+        # Dispatching also walks the sequences: both turn decisions into emails to send.
         self._scheduler = start_periodic(
             [("email-dispatch", self._dispatch_job), ("email-send", self._send_job)], INTERVAL_S
         )
@@ -75,21 +82,32 @@ class EmailChannel:
         await self.transport.close()
 
     async def run_once(self) -> None:
-        """Dispatch every pending effect, then send everything due: for tests and one-shot runs."""
-        await self.dispatch_all()
-        await self.send_all()
+        """Dispatch, walk sequences and send until nothing more is due now: for tests and
+        one-shot runs."""
+        while await self.dispatch_all() + await self.send_all():
+            pass
 
-    async def dispatch_all(self) -> None:
+    async def dispatch_all(self) -> int:
+        """Queue the emails of pending effects and of due sequence steps; returns how
+        many effects and steps were handled."""
+        handled = 0
         async with self._dispatching:
             while True:
                 async with self.db.write() as connection:
-                    if not await dispatch(connection, self.clock.now()):
-                        return
+                    now = self.clock.now()
+                    done = await dispatch(connection, now)
+                    done += await dispatch_sequences(connection, now)
+                    done += await advance_sequences(connection, self.book, now)
+                if not done:
+                    return handled
+                handled += done
 
-    async def send_all(self) -> None:
+    async def send_all(self) -> int:
+        sent = 0
         async with self._sending:
-            while await self.sender.send_due():
-                pass
+            while claimed := await self.sender.send_due():
+                sent += claimed
+        return sent
 
     async def _dispatch_job(self) -> None:
         try:

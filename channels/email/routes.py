@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import CLICK, OPEN, UNSUBSCRIBE
+from channels.email.sequences import stop_lead_runs
 from channels.email.tokens import BadToken
 from engine.db.queries import select_survivors, upsert
 from engine.db.schema import emails, leads, suppressions
@@ -165,9 +166,13 @@ def email_router(runtime: AppRuntime) -> APIRouter:
             return _page(404, "Link not found", NOT_FOUND_BODY)
         now = runtime.clock.now()
         async with runtime.db.write() as connection:
+            lead = (await select_survivors(connection, [sealed.lead_id])).get(sealed.lead_id)
+            if lead is not None:
+                # The rest of every nurture sequence of the lead, in every journey.
+                await stop_lead_runs(connection, [lead.id], "unsubscribed", now)
             email = await _email(connection, sealed.email_id)
             address = email.to_address if email is not None else None
-            address = address or await _lead_address(connection, sealed.lead_id)
+            address = address or (lead.email if lead is not None else None)
             if address:
                 row = {
                     "email": address.lower(),
@@ -213,12 +218,6 @@ async def _lead_exists(connection: AsyncConnection, lead_id: int) -> bool:
     wait in the inbox forever."""
     found = await connection.scalar(select(leads.c.id).where(leads.c.id == lead_id))
     return found is not None
-
-
-async def _lead_address(connection: AsyncConnection, lead_id: int) -> str | None:
-    """The lead's current email, following merges to the lead it became."""
-    lead = (await select_survivors(connection, [lead_id])).get(lead_id)
-    return lead.email if lead is not None and isinstance(lead.email, str) else None
 
 
 def _pixel() -> Response:

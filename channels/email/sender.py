@@ -11,6 +11,11 @@ No protocol closes that gap (the server's acceptance and our commit cannot be on
 transaction), so delivery is at-least-once at the SMTP edge and exactly-once
 everywhere else: one row per idempotency key, one recorded outcome per row, one
 internal event per outcome.
+
+Sequence emails are paced when they are claimed: one due outside its sequence's
+sending window (in the lead's timezone) or over the lead's frequency cap is
+deferred to when it may go, without counting as an attempt. When an email of a
+sequence is settled, its run moves on in the same transaction (see sequences.py).
 """
 
 from __future__ import annotations
@@ -18,26 +23,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import Links
 from channels.email.message import build_message
+from channels.email.pacing import FrequencyCap, lead_zone, next_opening
+from channels.email.sequences import step_settled
 from channels.email.templates import EmailTemplates
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
 from engine.clock import Clock
 from engine.db.database import Database
-from engine.db.queries import select_survivors, upsert
-from engine.db.schema import emails, enrollments, suppressions
+from engine.db.queries import chunks, select_survivors, upsert
+from engine.db.schema import emails, enrollments, sequence_runs, suppressions
 from engine.ingest.internal import emit
+from engine.journey.model import Window
 from engine.machine.book import JourneyBook
 
 log = logging.getLogger("cjm.email")
@@ -57,6 +66,9 @@ JITTER = 0.2
 BATCH = 100
 CONCURRENCY = 8
 NO_ADDRESS = "no email address"
+OUTSIDE_WINDOW = "outside the sending window"
+# The namespace of the PostgreSQL advisory locks that serialise counting a lead's sends.
+CAP_LOCKS = 0x636A6D  # "cjm"
 
 
 def retry_delay(attempts: int, rng: random.Random) -> timedelta:
@@ -81,6 +93,15 @@ class Outcome:
     attempted: bool = False  # handed to the transport: counts as an attempt
 
 
+@dataclass(frozen=True)
+class Held:
+    """An email that may not go yet: deferred `until`, for `reason`."""
+
+    id: int
+    until: datetime
+    reason: str
+
+
 class Sender:
     """Sends what is due, `concurrency` emails at a time."""
 
@@ -97,6 +118,8 @@ class Sender:
         batch: int = BATCH,
         concurrency: int = CONCURRENCY,
         rng: random.Random | None = None,
+        cap: FrequencyCap | None = None,
+        zone: ZoneInfo | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -109,15 +132,74 @@ class Sender:
         self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = rng or random.Random()
+        self.cap = cap  # on sequence emails, across journeys
+        self.zone = zone or ZoneInfo("UTC")  # for leads without a `timezone` trait
 
     async def send_due(self) -> int:
-        """Claim one batch of due emails and settle each; returns how many were claimed."""
+        """Claim one batch of due emails and settle each; returns how many were due.
+
+        Nurture emails outside their sequence's sending window, or over the lead's
+        frequency cap, are deferred to when they may go instead of being sent."""
         now = self.clock.now()
         lease = now + LEASE
         async with self.db.write() as connection:
-            claimed = await claim_due_emails(connection, now, lease, self.batch)
-        await asyncio.gather(*(self._settle(email, lease) for email in claimed))
-        return len(claimed)
+            due = await select_due_emails(connection, now, self.batch)
+            ready, held = await self._pace(connection, due, now)
+            await lease_emails(connection, [email.id for email in ready], lease, now)
+            await hold_emails(connection, held, now)
+        await asyncio.gather(*(self._settle(email, lease) for email in ready))
+        return len(due)
+
+    async def _pace(
+        self, connection: AsyncConnection, due: list[Any], now: datetime
+    ) -> tuple[list[Any], list[Held]]:
+        """Split due emails into those that go now and those held for later. Only
+        sequence emails are paced: a single `email.send` answers something the lead
+        just did (an order, a sign-up) and goes at once."""
+        nurture = [email for email in due if email.sequence_run_id is not None]
+        if not nurture:
+            return due, []
+        lead_ids = {email.lead_id for email in nurture}
+        windows = {email.id: self._window(email) for email in nurture}
+        zones = await self._zones(connection, lead_ids) if any(windows.values()) else {}
+        recent: dict[int, list[datetime]] = {}
+        if self.cap is not None:
+            await lock_leads_for_cap(connection, lead_ids)
+            recent = await select_capped_sends(connection, lead_ids, now - self.cap.period, now)
+        ready: list[Any] = []
+        held: list[Held] = []
+        for email in due:
+            if email.sequence_run_id is None:
+                ready.append(email)
+                continue
+            window = windows[email.id]
+            if window is not None:
+                opening = next_opening(window, zones.get(email.lead_id, self.zone), now)
+                if opening > now:
+                    held.append(Held(email.id, opening, OUTSIDE_WINDOW))
+                    continue
+            if self.cap is not None:
+                sends = recent.setdefault(email.lead_id, [])
+                allowed = self.cap.next_allowed(sends, now)
+                if allowed is not None:
+                    held.append(Held(email.id, allowed, f"frequency cap {self.cap}"))
+                    continue
+                sends.append(now)
+            ready.append(email)
+        return ready, held
+
+    def _window(self, email: Any) -> Window | None:
+        journey = self.book.versions.get((email.journey_id, email.run_version))
+        sequence = journey.sequences.get(email.sequence) if journey is not None else None
+        return sequence.window if sequence is not None else None
+
+    async def _zones(self, connection: AsyncConnection, lead_ids: set[int]) -> dict[int, ZoneInfo]:
+        """Each lead's own timezone (the `timezone` trait), where it names one."""
+        survivors = await select_survivors(connection, lead_ids)
+        return {
+            lead_id: lead_zone(lead.traits.get("timezone"), self.zone)
+            for lead_id, lead in survivors.items()
+        }
 
     async def _settle(self, email: Any, lease: datetime) -> None:
         async with self._slots:
@@ -242,6 +324,11 @@ class Sender:
             if not await record_outcome(connection, email.id, lease, values):
                 log.warning("email %s: lease lost before recording %s", email.id, outcome.status)
                 return
+            if email.sequence_run_id is not None and outcome.status != DEFERRED:
+                # The run's next step waits for this one; a suppressed address
+                # would only be skipped again, so its run stops here.
+                stop = "address suppressed" if outcome.status == SUPPRESSED else None
+                await step_settled(connection, email.sequence_run_id, stop=stop, now=now)
             if outcome.suppress and outcome.to_address is not None:
                 await insert_suppression(
                     connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
@@ -270,13 +357,17 @@ def _address(traits: Mapping[str, Any]) -> str | None:
 # --- the queries -------------------------------------------------------------------------------
 
 
-async def claim_due_emails(
-    connection: AsyncConnection, now: datetime, lease: datetime, limit: int
-) -> list[Any]:
-    """Due emails not leased by another sender, now leased until `lease`."""
-    claimed = list(
+async def select_due_emails(connection: AsyncConnection, now: datetime, limit: int) -> list[Any]:
+    """Due emails not leased by another sender, locked, with the journey version and
+    sequence of the run they belong to (null for a single `email.send`)."""
+    return list(
         await connection.execute(
-            select(emails)
+            select(
+                emails,
+                sequence_runs.c.version.label("run_version"),
+                sequence_runs.c.sequence,
+            )
+            .outerjoin(sequence_runs, sequence_runs.c.id == emails.c.sequence_run_id)
             .where(
                 emails.c.status.in_(DUE),
                 emails.c.due_at <= now,
@@ -284,16 +375,68 @@ async def claim_due_emails(
             )
             .order_by(emails.c.due_at, emails.c.id)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, of=emails)
         )
     )
-    if claimed:
+
+
+async def lease_emails(
+    connection: AsyncConnection, email_ids: list[int], lease: datetime, now: datetime
+) -> None:
+    """Ours until `lease`: no other sender takes them meanwhile."""
+    for part in chunks(email_ids):
         await connection.execute(
             update(emails)
-            .where(emails.c.id.in_([row.id for row in claimed]))
+            .where(emails.c.id.in_(part))
             .values(status=SENDING, lease_until=lease, updated_at=now)
         )
-    return claimed
+
+
+async def hold_emails(connection: AsyncConnection, held: list[Held], now: datetime) -> None:
+    """Deferred, not attempted: each is due again when it may go."""
+    for email in held:
+        await connection.execute(
+            update(emails)
+            .where(emails.c.id == email.id)
+            .values(
+                status=DEFERRED,
+                due_at=email.until,
+                last_error=email.reason,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+
+
+async def lock_leads_for_cap(connection: AsyncConnection, lead_ids: Collection[int]) -> None:
+    """On PostgreSQL, senders in several processes count one lead's sends one at a time
+    (until they commit), so two of them cannot both let through the email that fills the
+    cap. SQLite has a single writer already. Locks are taken in id order: no deadlock."""
+    if connection.dialect.name != "postgresql":
+        return
+    for lead_id in sorted(lead_ids):
+        await connection.execute(select(func.pg_advisory_xact_lock(CAP_LOCKS, lead_id % 2**31)))
+
+
+async def select_capped_sends(
+    connection: AsyncConnection, lead_ids: Collection[int], since: datetime, now: datetime
+) -> dict[int, list[datetime]]:
+    """When each lead's sequence emails went out after `since`; those on their way to
+    the SMTP server right now count as sent now."""
+    result = await connection.execute(
+        select(emails.c.lead_id, emails.c.status, emails.c.sent_at).where(
+            emails.c.lead_id.in_(list(lead_ids)),
+            emails.c.sequence_run_id.is_not(None),
+            or_(
+                and_(emails.c.status == SENT, emails.c.sent_at > since),
+                and_(emails.c.status == SENDING, emails.c.lease_until > now),
+            ),
+        )
+    )
+    sends: dict[int, list[datetime]] = {}
+    for row in result:
+        sends.setdefault(row.lead_id, []).append(row.sent_at if row.status == SENT else now)
+    return sends
 
 
 async def record_outcome(

@@ -39,6 +39,7 @@ from engine.db.schema import (
     identities,
     leads,
     outbox,
+    sequence_runs,
     timers,
     transitions,
 )
@@ -195,15 +196,35 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
             if row.action == "offer.grant"
         ],
         sequences=[
-            SequenceView(
-                sequence=row.target,
-                action=row.action,
-                journey=row.journey_id,
-                status=row.status,
-                queued_at=row.created_at,
-            )
-            for row in queued
-            if row.action in ("sequence.start", "sequence.stop")
+            *(
+                SequenceView(
+                    sequence=row.sequence,
+                    journey=row.journey_id,
+                    status=row.status,
+                    step=row.step,
+                    steps=_step_count(book, row),
+                    next_at=row.next_at,
+                    started_at=row.started_at,
+                    ended_at=row.ended_at,
+                    stop_reason=row.stop_reason,
+                )
+                for row in await select_sequence_runs(connection, lead.id)
+            ),
+            *(
+                SequenceView(
+                    sequence=row.target,
+                    journey=row.journey_id,
+                    status="pending",
+                    step=0,
+                    steps=None,
+                    next_at=None,
+                    started_at=row.created_at,
+                    ended_at=None,
+                    stop_reason=None,
+                )
+                for row in queued
+                if row.action == "sequence.start" and row.status == "pending"
+            ),
         ],
         goals=[
             GoalView(journey=row.journey_id, at=row.at, value=row.value)
@@ -229,6 +250,12 @@ def _by_enrollment(rows: Sequence[Record]) -> defaultdict[int, list[Record]]:
     for row in rows:
         grouped[row.enrollment_id].append(row)
     return grouped
+
+
+def _step_count(book: JourneyBook, run: Record) -> int | None:
+    journey = book.versions.get((run.journey_id, run.version))
+    sequence = journey.sequences.get(run.sequence) if journey is not None else None
+    return len(sequence.steps) if sequence is not None else None
 
 
 def _timeout_target(book: JourneyBook, enrollment: Record, timer: Record) -> str | None:
@@ -345,6 +372,16 @@ async def select_outbox(connection: AsyncConnection, lead_id: int) -> list[Recor
         select(outbox).where(outbox.c.lead_id == lead_id).order_by(outbox.c.created_at, outbox.c.id)
     )
     return list(result)
+
+
+async def select_sequence_runs(connection: AsyncConnection, lead_id: int) -> list[Record]:
+    return list(
+        await connection.execute(
+            select(sequence_runs)
+            .where(sequence_runs.c.lead_id == lead_id)
+            .order_by(sequence_runs.c.started_at, sequence_runs.c.id)
+        )
+    )
 
 
 async def select_emails(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Record]:

@@ -192,8 +192,9 @@ class AudienceView(BaseModel):
 
 
 class EmailView(BaseModel):
-    """One email and its fate: queued, sending, sent, deferred (to be retried at `due_at`),
-    failed, suppressed or skipped (the lead has no address)."""
+    """One email and its fate: queued, sending, sent, deferred (to `due_at`: a retry, the
+    sequence's sending window or the frequency cap; `last_error` says which), failed,
+    suppressed, skipped (the lead has no address) or cancelled (its sequence stopped)."""
 
     template: str
     journey: str
@@ -214,11 +215,20 @@ class OfferView(BaseModel):
 
 
 class SequenceView(BaseModel):
+    """One run of a nurture sequence: pending (started, not yet picked up), active,
+    completed, or stopped (`stop_reason` says why: stop_on, exited, unsubscribed...)."""
+
     sequence: str
-    action: Literal["sequence.start", "sequence.stop"]
     journey: str
     status: str
-    queued_at: datetime
+    step: int = Field(description="How many of its steps have been carried out")
+    steps: int | None = Field(description="Its steps in all (null if the version is unknown)")
+    next_at: datetime | None = Field(
+        description="When the next step is due; null while an email is on its way"
+    )
+    started_at: datetime
+    ended_at: datetime | None
+    stop_reason: str | None
 
 
 class GoalView(BaseModel):

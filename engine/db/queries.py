@@ -26,6 +26,7 @@ from engine.db.schema import (
     identities,
     leads,
     outbox,
+    sequence_runs,
     timers,
     transitions,
 )
@@ -440,7 +441,7 @@ async def forward_to_survivor(connection: AsyncConnection, absorbed: int, surviv
 async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
     """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
     await forward_to_survivor(connection, absorbed, survivor)
-    for table in (enrollments, timers, outbox, emails):
+    for table in (enrollments, timers, outbox, emails, sequence_runs):
         await connection.execute(
             update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)
         )

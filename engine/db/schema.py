@@ -218,7 +218,7 @@ class Email(Base):
     journey_id: Mapped[str] = mapped_column(String(64))
     stage: Mapped[str | None] = mapped_column(String(64))
     template: Mapped[str] = mapped_column(String(64))
-    # queued, sending, sent, deferred, failed, suppressed, skipped
+    # queued, sending, sent, deferred, failed, suppressed, skipped, cancelled
     status: Mapped[str] = mapped_column(String(16))
     due_at: Mapped[datetime]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -229,6 +229,48 @@ class Email(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
+    # The sequence run whose step this is; null for a single `email.send`.
+    sequence_run_id: Mapped[int | None] = mapped_column(BigId, index=True)
+
+
+class SequenceRun(Base):
+    """One run of a nurture sequence for one enrollment: which step is next, and when.
+
+    At most one run of a sequence is active per enrollment. An email step waits for its
+    email to be settled (sent, failed, suppressed, skipped) before the run moves on, so
+    a sequence arrives in order and each `wait` counts from the previous email.
+    """
+
+    __tablename__ = "sequence_runs"
+    __table_args__ = (
+        Index("ix_sequence_runs_status_next_at", "status", "next_at"),
+        Index(
+            "uq_sequence_runs_active",
+            "enrollment_id",
+            "sequence",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The outbox `sequence.start` it carries out: one run per key.
+    idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
+    lead_id: Mapped[int] = mapped_column(BigId, index=True)
+    enrollment_id: Mapped[int] = mapped_column(BigId)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    # The journey version whose steps the run follows, from start to end.
+    version: Mapped[int] = mapped_column(Integer)
+    sequence: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # active | completed | stopped
+    step: Mapped[int] = mapped_column(Integer)  # the index of the next step to carry out
+    # When to carry it out; null while the previous step's email is being sent.
+    next_at: Mapped[datetime | None]
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
 
 
 class Suppression(Base):
@@ -275,5 +317,6 @@ audience_members = cast(Table, AudienceMember.__table__)
 goals = cast(Table, GoalReached.__table__)
 api_keys = cast(Table, ApiKey.__table__)
 emails = cast(Table, Email.__table__)
+sequence_runs = cast(Table, SequenceRun.__table__)
 suppressions = cast(Table, Suppression.__table__)
 secrets = cast(Table, Secret.__table__)

@@ -284,9 +284,7 @@ async def test_a_lead_shows_its_ids_journeys_history_timers_and_channels(
         }
     ]
     assert [(o["offer"], o["status"]) for o in lead["offers"]] == [("free_install", "granted")]
-    assert [(s["sequence"], s["action"]) for s in lead["sequences"]] == [
-        ("door_tips", "sequence.start")
-    ]
+    assert [(s["sequence"], s["status"]) for s in lead["sequences"]] == [("door_tips", "pending")]
     assert lead["goals"] == [
         {"journey": "doors", "at": iso(NOW - timedelta(minutes=5)), "value": 1200.0}
     ]

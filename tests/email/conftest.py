@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiosmtpd.controller import Controller
 
+from channels.email.channel import EmailChannel
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.db.schema import emails, events
@@ -91,6 +94,19 @@ class Mail(Engine):
         return await self.rows(events, name=name)
 
 
+def channel(mail: Mail, settings: Settings | None = None, **options: Path) -> EmailChannel:
+    """Another channel on the same database, as a restarted process would have."""
+    runtime = mail.runtime
+    return EmailChannel(
+        settings=settings or runtime.settings,
+        db=runtime.db,
+        clock=runtime.clock,
+        book=runtime.book,
+        links=runtime.links,
+        **options,
+    )
+
+
 @pytest.fixture
 def smtp() -> Iterator[SmtpServer]:
     server = SmtpServer(Recorder())
@@ -101,26 +117,50 @@ def smtp() -> Iterator[SmtpServer]:
         server.stop()
 
 
-@pytest.fixture
-async def mail(database_url: str, tmp_path: Path, smtp: SmtpServer) -> AsyncIterator[Mail]:
-    (tmp_path / "welcome.yaml").write_text(textwrap.dedent(WELCOME))
-    templates = tmp_path / "templates"
-    templates.mkdir()
-    (templates / "hello.j2").write_text(HELLO)
-    settings = Settings(
-        database_url=database_url,
-        templates_dir=templates,
-        smtp_url=smtp.url,
-        email_from=SENDER,
-        base_url=BASE_URL,
-        write_key="wk_test",
-        admin_key=ADMIN_KEY,
-    )
+@asynccontextmanager
+async def running_mail(
+    database_url: str,
+    directory: Path,
+    smtp: SmtpServer,
+    journeys: Sequence[str],
+    templates: Mapping[str, str],
+    **settings: Any,
+) -> AsyncIterator[Mail]:
+    """An engine on a manual clock running `journeys` (YAML texts) with `templates`
+    (name -> Jinja2 source), sending to `smtp`; `settings` override the defaults."""
+    paths = []
+    for text in journeys:
+        path = directory / f"{yaml.safe_load(text)['id']}.yaml"
+        path.write_text(textwrap.dedent(text))
+        paths.append(path)
+    template_dir = directory / "templates"
+    template_dir.mkdir(exist_ok=True)
+    for name, source in templates.items():
+        (template_dir / f"{name}.j2").write_text(source)
+    options: dict[str, Any] = {
+        "database_url": database_url,
+        "templates_dir": template_dir,
+        "smtp_url": smtp.url,
+        "email_from": SENDER,
+        "base_url": BASE_URL,
+        "write_key": "wk_test",
+        "admin_key": ADMIN_KEY,
+    }
     clock = ManualClock(START)
-    journeys = load_journeys([tmp_path / "welcome.yaml"], templates)
-    runtime = Runtime(settings, clock=clock, journeys=journeys, run_worker=False)
+    runtime = Runtime(
+        Settings(**(options | settings)),
+        clock=clock,
+        journeys=load_journeys(paths, template_dir),
+        run_worker=False,
+    )
     await runtime.start()
     try:
         yield Mail(runtime, clock, smtp)
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def mail(database_url: str, tmp_path: Path, smtp: SmtpServer) -> AsyncIterator[Mail]:
+    async with running_mail(database_url, tmp_path, smtp, [WELCOME], {"hello": HELLO}) as engine:
+        yield engine

@@ -12,25 +12,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy import update
 
-from channels.email.channel import EmailChannel
-from channels.email.sender import LEASE, MAX_ATTEMPTS, claim_due_emails
+from channels.email.sender import LEASE, MAX_ATTEMPTS, lease_emails, select_due_emails
 from engine.api.app import create_app
-from engine.config import Settings
 from engine.db.schema import outbox, suppressions
-from tests.email.conftest import ADMIN_KEY, BASE_URL, Mail
-
-
-def channel(mail: Mail, settings: Settings | None = None, **options: Path) -> EmailChannel:
-    """Another channel on the same database, as a restarted process would have."""
-    runtime = mail.runtime
-    return EmailChannel(
-        settings=settings or runtime.settings,
-        db=runtime.db,
-        clock=runtime.clock,
-        book=runtime.book,
-        links=runtime.links,
-        **options,
-    )
+from tests.email.conftest import ADMIN_KEY, BASE_URL, Mail, channel
 
 
 async def test_an_email_send_is_delivered_once_personalised_with_one_click_unsubscribe(
@@ -171,7 +156,8 @@ async def test_an_email_whose_sender_died_mid_send_goes_out_when_the_lease_expir
     await mail.runtime.email.dispatch_all()
     async with mail.runtime.db.write() as connection:  # a sender that claims, then dies
         now = mail.clock.now()
-        await claim_due_emails(connection, now, now + LEASE, limit=10)
+        due = await select_due_emails(connection, now, limit=10)
+        await lease_emails(connection, [email.id for email in due], now + LEASE, now)
 
     await mail.deliver()
     assert mail.smtp.recorder.envelopes == []

@@ -1,0 +1,334 @@
+"""Nurture sequences: from `sequence.start` / `sequence.stop` effects to emails, step by step.
+
+A started sequence becomes a `sequence_runs` row that walks the sequence's steps:
+an `email` step queues one email and then waits until the sender has settled it
+(sent, failed, suppressed or skipped); a `wait` step sets when the next step is due,
+counted from when the previous email was settled. So a sequence arrives in order
+whatever retries, sending windows or frequency caps delay one of its emails, and a
+wait is never shortened by such a delay.
+
+A stop (a `stop_on` event, an exit, the end of the journey, a `sequence.stop`
+action, an unsubscribe) ends the run and cancels its emails not yet handed to SMTP.
+
+Every write happens in the caller's transaction, keyed by the outbox row's
+idempotency key, so running these functions again after a crash repeats nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from channels.email.outbox import PENDING, insert_emails, mark_dispatched
+from engine.db.queries import chunks, upsert
+from engine.db.schema import emails, enrollments, outbox, sequence_runs
+from engine.journey.model import EmailStep, WaitStep
+from engine.machine.book import JourneyBook
+
+log = logging.getLogger("cjm.email")
+
+START, STOP = "sequence.start", "sequence.stop"
+ACTIVE, COMPLETED, STOPPED = "active", "completed", "stopped"
+# Emails of a stopped run that have not reached the SMTP server yet.
+CANCELLABLE = ("queued", "deferred")
+CANCELLED = "cancelled"
+BATCH = 500
+
+
+# --- starting and stopping ---------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """The starts and stops of one dispatch batch, folded in outbox order."""
+
+    active: set[tuple[int, str]]  # (enrollment, sequence) with a run active in the database
+    starts: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    stops: dict[tuple[int, str], str] = field(default_factory=dict)  # existing runs → reason
+    ended: list[dict[str, Any]] = field(default_factory=list)  # runs started and stopped here
+
+    def start(self, key: tuple[int, str], run: dict[str, Any]) -> None:
+        # Starting a sequence that is running already changes nothing: the lead is
+        # not sent the same nurture twice at once.
+        if key in self.starts or (key in self.active and key not in self.stops):
+            return
+        self.starts[key] = run
+
+    def stop(self, key: tuple[int, str], reason: str, now: datetime) -> None:
+        started_here = self.starts.pop(key, None)
+        if started_here is not None:
+            # Started and stopped within one batch: recorded as a run that ended at once.
+            self.ended.append(
+                started_here | {"status": STOPPED, "stop_reason": reason, "ended_at": now}
+            )
+        elif key in self.active and key not in self.stops:
+            self.stops[key] = reason
+
+
+async def dispatch_sequences(connection: AsyncConnection, now: datetime, limit: int = BATCH) -> int:
+    """Start and stop runs for up to `limit` pending `sequence.*` effects, in the caller's
+    transaction; returns how many effects were dispatched."""
+    claimed = await _claim_pending(connection, limit)
+    if not claimed:
+        return 0
+    keys = {(row.enrollment_id, row.target) for row in claimed}
+    pending = _Pending(active=await _active_runs(connection, keys))
+    for row in claimed:
+        key = (row.enrollment_id, row.target)
+        if row.action == START:
+            if row.version is None:  # the enrollment is gone (erased): nothing to run
+                continue
+            pending.start(key, _new_run(row, now))
+        else:
+            pending.stop(key, stop_reason(row.idempotency_key), now)
+    # Stops first: a sequence stopped and started again in one batch must not meet
+    # its old active run in the unique index.
+    await stop_runs(connection, pending.stops, now)
+    runs = [*pending.ended, *pending.starts.values()]
+    if runs:
+        await connection.execute(
+            upsert(connection, sequence_runs).on_conflict_do_nothing(
+                index_elements=["idempotency_key"]
+            ),
+            runs,
+        )
+    await mark_dispatched(connection, [row.id for row in claimed], now)
+    return len(claimed)
+
+
+def stop_reason(idempotency_key: str) -> str:
+    """Why a `sequence.stop` effect was made, read from its key (`{run}/{epoch}.{why}.{name}`
+    for stops the engine decides, `{run}/{epoch}.{index}` for an `on_enter` action)."""
+    parts = idempotency_key.partition("/")[2].split(".")
+    if len(parts) >= 3 and parts[1] in ("stop", "exit", "end"):
+        return {"stop": "stop_on", "exit": "exited", "end": "journey ended"}[parts[1]]
+    return "sequence.stop"
+
+
+def _new_run(row: Any, now: datetime) -> dict[str, Any]:
+    return {
+        "idempotency_key": row.idempotency_key,
+        "lead_id": row.lead_id,
+        "enrollment_id": row.enrollment_id,
+        "journey_id": row.journey_id,
+        "version": row.version,
+        "sequence": row.target,
+        "status": ACTIVE,
+        "step": 0,
+        "next_at": now,
+        "stop_reason": None,
+        "started_at": now,
+        "updated_at": now,
+        "ended_at": None,
+    }
+
+
+async def stop_runs(
+    connection: AsyncConnection, runs: dict[tuple[int, str], str], now: datetime
+) -> None:
+    """Stop the active runs of these (enrollment, sequence) pairs, each for its reason,
+    and cancel their emails that have not gone out."""
+    by_reason: dict[str, list[tuple[int, str]]] = {}
+    for key, reason in runs.items():
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        for part in chunks(keys):
+            stopped = await connection.execute(
+                update(sequence_runs)
+                .where(
+                    sequence_runs.c.status == ACTIVE,
+                    tuple_(sequence_runs.c.enrollment_id, sequence_runs.c.sequence).in_(part),
+                )
+                .values(status=STOPPED, stop_reason=reason, ended_at=now, updated_at=now)
+                .returning(sequence_runs.c.id)
+            )
+            await cancel_emails(connection, [run_id for (run_id,) in stopped], now)
+
+
+async def stop_lead_runs(
+    connection: AsyncConnection, lead_ids: Collection[int], reason: str, now: datetime
+) -> None:
+    """Stop every active run of these leads, in every journey (an unsubscribe)."""
+    stopped = await connection.execute(
+        update(sequence_runs)
+        .where(sequence_runs.c.status == ACTIVE, sequence_runs.c.lead_id.in_(list(lead_ids)))
+        .values(status=STOPPED, stop_reason=reason, ended_at=now, updated_at=now)
+        .returning(sequence_runs.c.id)
+    )
+    await cancel_emails(connection, [run_id for (run_id,) in stopped], now)
+
+
+async def cancel_emails(connection: AsyncConnection, run_ids: list[int], now: datetime) -> None:
+    for part in chunks(run_ids):
+        await connection.execute(
+            update(emails)
+            .where(emails.c.sequence_run_id.in_(part), emails.c.status.in_(CANCELLABLE))
+            .values(status=CANCELLED, updated_at=now)
+        )
+
+
+# --- walking the steps -------------------------------------------------------------------------
+
+
+async def advance_sequences(
+    connection: AsyncConnection, book: JourneyBook, now: datetime, limit: int = BATCH
+) -> int:
+    """Carry out the due steps of up to `limit` runs, in the caller's transaction; returns
+    how many runs were advanced."""
+    due = await _claim_due_runs(connection, now, limit)
+    queued: list[dict[str, Any]] = []
+    advanced = 0
+    for run in due:
+        journey = book.versions.get((run.journey_id, run.version))
+        if journey is None:
+            # A newer process published this version; it carries the run on.
+            log.warning(
+                "sequence run %s: %s version %s is unknown here",
+                run.id,
+                run.journey_id,
+                run.version,
+            )
+            continue
+        advanced += 1
+        sequence = journey.sequences.get(run.sequence)
+        if sequence is None:  # the enrollment moved to a version without it before it started
+            await stop_runs(connection, {(run.enrollment_id, run.sequence): "not in journey"}, now)
+            continue
+        step, at, status = run.step, run.next_at, ACTIVE
+        while True:
+            if step >= len(sequence.steps):
+                status, at = COMPLETED, None
+                break
+            current = sequence.steps[step]
+            step += 1
+            if isinstance(current, WaitStep):
+                at += current.wait
+                if at > now:
+                    break
+            elif isinstance(current, EmailStep):
+                queued.append(_step_email(run, step - 1, current.email, at, now))
+                at = None  # until the sender settles the email
+                break
+        await connection.execute(
+            update(sequence_runs)
+            .where(sequence_runs.c.id == run.id)
+            .values(
+                step=step,
+                next_at=at,
+                status=status,
+                ended_at=now if status == COMPLETED else None,
+                updated_at=now,
+            )
+        )
+    if queued:
+        await insert_emails(connection, queued)
+    return advanced
+
+
+def _step_email(
+    run: Any, index: int, template: str, due_at: datetime, now: datetime
+) -> dict[str, Any]:
+    return {
+        # (lead, journey entry, sequence step): the run's key names the entry and sequence.
+        "idempotency_key": f"{run.idempotency_key}/step.{index}",
+        "lead_id": run.lead_id,
+        "enrollment_id": run.enrollment_id,
+        "journey_id": run.journey_id,
+        "stage": run.stage,
+        "template": template,
+        "status": "queued",
+        "due_at": due_at,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+        "sequence_run_id": run.id,
+    }
+
+
+async def step_settled(
+    connection: AsyncConnection, run_id: int, *, stop: str | None, now: datetime
+) -> None:
+    """The sender settled the email of the run's current step: the run goes on from now,
+    or stops (`stop` gives the reason: the address is suppressed, say)."""
+    waiting = and_(
+        sequence_runs.c.id == run_id,
+        sequence_runs.c.status == ACTIVE,
+        sequence_runs.c.next_at.is_(None),
+    )
+    if stop is None:
+        values: dict[str, Any] = {"next_at": now, "updated_at": now}
+    else:
+        values = {"status": STOPPED, "stop_reason": stop, "ended_at": now, "updated_at": now}
+    await connection.execute(update(sequence_runs).where(waiting).values(values))
+    if stop is not None:
+        await cancel_emails(connection, [run_id], now)
+
+
+# --- the queries -------------------------------------------------------------------------------
+
+
+async def _claim_pending(connection: AsyncConnection, limit: int) -> list[Any]:
+    """The oldest pending `sequence.*` rows, locked, with their enrollment's version."""
+    result = await connection.execute(
+        select(
+            outbox.c.id,
+            outbox.c.idempotency_key,
+            outbox.c.lead_id,
+            outbox.c.enrollment_id,
+            outbox.c.journey_id,
+            outbox.c.action,
+            outbox.c.target,
+            enrollments.c.version,
+        )
+        .outerjoin(enrollments, enrollments.c.id == outbox.c.enrollment_id)
+        .where(outbox.c.status == PENDING, outbox.c.action.in_((START, STOP)))
+        .order_by(outbox.c.created_at, outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=outbox)
+    )
+    return list(result)
+
+
+async def _active_runs(
+    connection: AsyncConnection, keys: Collection[tuple[int, str]]
+) -> set[tuple[int, str]]:
+    found: set[tuple[int, str]] = set()
+    for part in chunks(list(keys)):
+        result = await connection.execute(
+            select(sequence_runs.c.enrollment_id, sequence_runs.c.sequence).where(
+                sequence_runs.c.status == ACTIVE,
+                tuple_(sequence_runs.c.enrollment_id, sequence_runs.c.sequence).in_(part),
+            )
+        )
+        found.update((row.enrollment_id, row.sequence) for row in result)
+    return found
+
+
+async def _claim_due_runs(connection: AsyncConnection, now: datetime, limit: int) -> list[Any]:
+    """Active runs whose next step is due, locked, with the stage their enrollment is in."""
+    result = await connection.execute(
+        select(
+            sequence_runs.c.id,
+            sequence_runs.c.idempotency_key,
+            sequence_runs.c.lead_id,
+            sequence_runs.c.enrollment_id,
+            sequence_runs.c.journey_id,
+            sequence_runs.c.version,
+            sequence_runs.c.sequence,
+            sequence_runs.c.step,
+            sequence_runs.c.next_at,
+            enrollments.c.stage,
+        )
+        .outerjoin(enrollments, enrollments.c.id == sequence_runs.c.enrollment_id)
+        .where(sequence_runs.c.status == ACTIVE, sequence_runs.c.next_at <= now)
+        .order_by(sequence_runs.c.next_at, sequence_runs.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=sequence_runs)
+    )
+    return list(result)
