@@ -78,6 +78,12 @@ def _banner(runtime: Runtime, listening: str | None) -> None:
     if listening:
         typer.echo(f"cjm listening on {listening}  (API docs at {listening}/docs)")
     typer.echo(f"database: {settings.database_url}")
+    if settings.insecure_links:
+        typer.echo(
+            f"warning: CJM_BASE_URL is {settings.base_url}: email links and one-click "
+            "unsubscribe should be HTTPS for mail providers to trust them",
+            err=True,
+        )
     journeys = ", ".join(
         f"{journey.id} v{journey.version}"
         for journey in runtime.book.current.values()

@@ -6,10 +6,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from channels.email.pacing import FrequencyCap, load_zone
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cjm.db"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Settings:
         port = get("PORT")
         if port is not None and not port.isdigit():
             raise ValueError(f"CJM_PORT must be a port number, not {port!r}")
+        host = get("HOST") or cls.host
+        port_number = int(port) if port else cls.port
         # Checked here so a typo stops the start with its variable's name, not a later send.
         default_timezone = get("DEFAULT_TIMEZONE") or cls.default_timezone
         try:
@@ -58,13 +62,28 @@ class Settings:
             templates_dir=Path(get("TEMPLATES_DIR") or "templates/emails"),
             smtp_url=get("SMTP_URL"),
             email_from=get("EMAIL_FROM") or cls.email_from,
-            base_url=(get("BASE_URL") or cls.base_url).rstrip("/"),
+            base_url=(get("BASE_URL") or _local_url(host, port_number)).rstrip("/"),
             write_key=get("WRITE_KEY"),
             admin_key=get("ADMIN_KEY"),
             signing_secret=get("SIGNING_SECRET"),
-            host=get("HOST") or cls.host,
-            port=int(port) if port else cls.port,
+            host=host,
+            port=port_number,
             default_timezone=default_timezone,
             default_region=get("DEFAULT_REGION"),
             frequency_cap=frequency_cap,
         )
+
+    @property
+    def insecure_links(self) -> bool:
+        """Whether email links would point at a plain-HTTP address on another machine: mail
+        providers expect the one-click unsubscribe URL to be HTTPS (RFC 8058)."""
+        parts = urlsplit(self.base_url)
+        return parts.scheme != "https" and parts.hostname not in LOCAL_HOSTS
+
+
+def _local_url(host: str, port: int) -> str:
+    """Email links when CJM_BASE_URL is unset: this server as its own machine reaches it."""
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in reachable:  # an IPv6 address
+        reachable = f"[{reachable}]"
+    return f"http://{reachable}:{port}"

@@ -51,3 +51,25 @@ def test_the_cli_reports_a_bad_frequency_cap_as_a_clean_error(
         "CJM_FREQUENCY_CAP: bad frequency cap '3 a day': write a count, a slash and a duration, "
         "like 3/1d (at most 3 emails a day)\n"
     )
+
+
+def test_email_links_default_to_this_server_on_its_port() -> None:
+    assert Settings.from_env({"CJM_PORT": "8123"}).base_url == "http://127.0.0.1:8123"
+    assert Settings.from_env({"CJM_HOST": "0.0.0.0"}).base_url == "http://127.0.0.1:8000"
+    assert Settings.from_env({"CJM_HOST": "::1"}).base_url == "http://[::1]:8000"
+    written = Settings.from_env({"CJM_BASE_URL": "https://cjm.example.com/", "CJM_PORT": "9"})
+    assert written.base_url == "https://cjm.example.com"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "insecure"),
+    [
+        ("https://cjm.example.com", False),
+        ("http://127.0.0.1:8000", False),
+        ("http://localhost:8000", False),
+        ("http://cjm.example.com", True),
+        ("http://10.0.0.5:8000", True),
+    ],
+)
+def test_plain_http_links_to_another_machine_are_flagged(base_url: str, insecure: bool) -> None:
+    assert Settings.from_env({"CJM_BASE_URL": base_url}).insecure_links is insecure

@@ -148,7 +148,7 @@ async def stop_runs(
                 .values(status=STOPPED, stop_reason=reason, ended_at=now, updated_at=now)
                 .returning(sequence_runs.c.id)
             )
-            await cancel_emails(connection, [run_id for (run_id,) in stopped], now)
+            await cancel_emails(connection, [run_id for (run_id,) in stopped], reason, now)
 
 
 async def stop_lead_runs(
@@ -161,15 +161,17 @@ async def stop_lead_runs(
         .values(status=STOPPED, stop_reason=reason, ended_at=now, updated_at=now)
         .returning(sequence_runs.c.id)
     )
-    await cancel_emails(connection, [run_id for (run_id,) in stopped], now)
+    await cancel_emails(connection, [run_id for (run_id,) in stopped], reason, now)
 
 
-async def cancel_emails(connection: AsyncConnection, run_ids: list[int], now: datetime) -> None:
+async def cancel_emails(
+    connection: AsyncConnection, run_ids: list[int], reason: str, now: datetime
+) -> None:
     for part in chunks(run_ids):
         await connection.execute(
             update(emails)
             .where(emails.c.sequence_run_id.in_(part), emails.c.status.in_(CANCELLABLE))
-            .values(status=CANCELLED, updated_at=now)
+            .values(status=CANCELLED, last_error=f"sequence stopped: {reason}", updated_at=now)
         )
 
 
@@ -267,7 +269,7 @@ async def step_settled(
         values = {"status": STOPPED, "stop_reason": stop, "ended_at": now, "updated_at": now}
     await connection.execute(update(sequence_runs).where(waiting).values(values))
     if stop is not None:
-        await cancel_emails(connection, [run_id], now)
+        await cancel_emails(connection, [run_id], stop, now)
 
 
 # --- the queries -------------------------------------------------------------------------------

@@ -227,6 +227,8 @@ async def test_an_unsubscribe_stops_the_sequence_and_cancels_its_queued_email(
     assert subjects(nurture) == ["Tip one for you"]
     assert await email_states(nurture, lead_id) == [("tip_one", "sent"), ("tip_two", "cancelled")]
     assert await runs(nurture, lead_id) == [("tips", "stopped", "unsubscribed")]
+    (_, cancelled) = await nurture.emails(lead_id)
+    assert cancelled.last_error == "sequence stopped: unsubscribed"
 
 
 async def test_the_next_step_waits_until_a_retried_email_has_gone(nurture: Mail) -> None:
