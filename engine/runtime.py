@@ -15,6 +15,7 @@ from pathlib import Path
 from channels.email.channel import EmailChannel
 from channels.email.links import Links
 from channels.email.templates import check_templates
+from channels.offers.store import redeem_coupons
 from engine.clock import Clock, SystemClock
 from engine.config import Settings
 from engine.db.database import Database
@@ -94,7 +95,9 @@ class Runtime:
         except BaseException:
             await self.db.close()
             raise
-        self.worker = Worker(Processor(self.db, self.book, self.clock))
+        self.worker = Worker(
+            Processor(self.db, self.book, self.clock, event_hooks=[redeem_coupons])
+        )
         self.inbox = Inbox(
             self.db, self.clock, on_commit=self.worker.wake if self.run_worker else None
         )

@@ -1,5 +1,7 @@
 """The email channel of one process: dispatching from the outbox, walking sequences and
-sending, on a schedule.
+sending, on a schedule. It also grants and expires offers, since emails show them:
+codes are granted in the dispatch that queues the emails of the same step, before them,
+so the first email of a stage that grants an offer already shows its code.
 
 Every process running a worker runs one; they share the work through the database
 (claims skip each other's rows), never through memory. APScheduler only paces the
@@ -21,6 +23,7 @@ from channels.email.sender import Sender
 from channels.email.sequences import advance_sequences, dispatch_sequences
 from channels.email.templates import EmailTemplates
 from channels.email.transport import EmlDirectory, SmtpTransport, Transport
+from channels.offers.store import expire_offers, grant_offers
 from engine.clock import Clock
 from engine.config import Settings
 from engine.db.database import Database
@@ -88,14 +91,16 @@ class EmailChannel:
             pass
 
     async def dispatch_all(self) -> int:
-        """Queue the emails of pending effects and of due sequence steps; returns how
-        many effects and steps were handled."""
+        """Grant and expire offers, queue the emails of pending effects and of due
+        sequence steps; returns how many were handled."""
         handled = 0
         async with self._dispatching:
             while True:
                 async with self.db.write() as connection:
                     now = self.clock.now()
-                    done = await dispatch(connection, now)
+                    done = await grant_offers(connection, self.book, now)
+                    done += await expire_offers(connection, now)
+                    done += await dispatch(connection, now)
                     done += await dispatch_sequences(connection, now)
                     done += await advance_sequences(connection, self.book, now)
                 if not done:

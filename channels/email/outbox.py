@@ -12,14 +12,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import chunks, upsert
+from engine.db.queries import OUTBOX_PENDING, mark_outbox_dispatched, upsert
 from engine.db.schema import emails, enrollments, outbox
 
 SEND = "email.send"
-PENDING, DISPATCHED = "pending", "dispatched"
 BATCH = 500
 
 
@@ -48,7 +47,7 @@ async def dispatch(connection: AsyncConnection, now: datetime, limit: int = BATC
             for row in claimed
         ],
     )
-    await mark_dispatched(connection, [row.id for row in claimed], now)
+    await mark_outbox_dispatched(connection, [row.id for row in claimed], now)
     return len(claimed)
 
 
@@ -69,7 +68,7 @@ async def claim_pending_sends(connection: AsyncConnection, limit: int) -> list[A
             enrollments.c.stage,
         )
         .outerjoin(enrollments, enrollments.c.id == outbox.c.enrollment_id)
-        .where(outbox.c.status == PENDING, outbox.c.action == SEND)
+        .where(outbox.c.status == OUTBOX_PENDING, outbox.c.action == SEND)
         .order_by(outbox.c.created_at, outbox.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=outbox)
@@ -83,12 +82,3 @@ async def insert_emails(connection: AsyncConnection, rows: list[dict[str, Any]])
         index_elements=["idempotency_key"]
     )
     await connection.execute(statement, rows)
-
-
-async def mark_dispatched(
-    connection: AsyncConnection, outbox_ids: list[int], now: datetime
-) -> None:
-    for part in chunks(outbox_ids):
-        await connection.execute(
-            update(outbox).where(outbox.c.id.in_(part)).values(status=DISPATCHED, updated_at=now)
-        )

@@ -39,8 +39,9 @@ from channels.email.links import Links
 from channels.email.message import build_message
 from channels.email.pacing import FrequencyCap, lead_zone, next_opening
 from channels.email.sequences import step_settled
-from channels.email.templates import EmailTemplates
+from channels.email.templates import EmailTemplates, OfferView
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
+from channels.offers.store import lead_offer
 from engine.clock import Clock
 from engine.db.database import Database
 from engine.db.queries import chunks, select_survivors, upsert
@@ -219,10 +220,11 @@ class Sender:
                 return Outcome(SKIPPED, lead_id, error=NO_ADDRESS)
             reason = await select_suppression(connection, address.lower())
             version = await select_enrollment_version(connection, email.enrollment_id)
+            offer = await lead_offer(connection, lead_id, email.journey_id)
         if reason is not None:
             return Outcome(SUPPRESSED, lead_id, error=f"address suppressed ({reason})")
         try:
-            message = self._compose(email, lead_id, lead.traits, address, version)
+            message = self._compose(email, lead_id, lead.traits, address, version, offer)
         except (TemplateError, ValueError) as error:  # a header with a line break is a ValueError
             error_text = f"cannot render: {error}"
             return Outcome(
@@ -279,16 +281,22 @@ class Sender:
         traits: Mapping[str, Any],
         address: str,
         version: int | None,
+        offer: Any | None,
     ) -> EmailMessage:
         journey = self.book.versions.get((email.journey_id, version or 0)) or self.book.current.get(
             email.journey_id
         )
         stage = journey.stage_by_id.get(email.stage or "") if journey is not None else None
+        terms = journey.offers.get(offer.offer) if journey is not None and offer else None
         unsubscribe_url = self.links.unsubscribe(email.id, lead_id)
         rendered = self.templates.render(
             email.template,
             lead=traits,
-            offer=None,
+            offer=(
+                OfferView(code=offer.code, title=terms.title, expires_at=offer.expires_at)
+                if offer is not None and terms is not None
+                else None
+            ),
             journey=(email.journey_id, journey.name if journey is not None else email.journey_id),
             stage=(email.stage or "", stage.title if stage is not None else email.stage or ""),
             unsubscribe_url=unsubscribe_url,

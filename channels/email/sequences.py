@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import and_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from channels.email.outbox import PENDING, insert_emails, mark_dispatched
-from engine.db.queries import chunks, upsert
+from channels.email.outbox import insert_emails
+from engine.db.queries import OUTBOX_PENDING, chunks, mark_outbox_dispatched, upsert
 from engine.db.schema import emails, enrollments, outbox, sequence_runs
 from engine.journey.model import EmailStep, WaitStep
 from engine.machine.book import JourneyBook
@@ -98,7 +98,7 @@ async def dispatch_sequences(connection: AsyncConnection, now: datetime, limit: 
             ),
             runs,
         )
-    await mark_dispatched(connection, [row.id for row in claimed], now)
+    await mark_outbox_dispatched(connection, [row.id for row in claimed], now)
     return len(claimed)
 
 
@@ -289,7 +289,7 @@ async def _claim_pending(connection: AsyncConnection, limit: int) -> list[Any]:
             enrollments.c.version,
         )
         .outerjoin(enrollments, enrollments.c.id == outbox.c.enrollment_id)
-        .where(outbox.c.status == PENDING, outbox.c.action.in_((START, STOP)))
+        .where(outbox.c.status == OUTBOX_PENDING, outbox.c.action.in_((START, STOP)))
         .order_by(outbox.c.created_at, outbox.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=outbox)

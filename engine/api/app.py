@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from channels.email.links import Links
 from channels.email.routes import email_router
+from channels.offers.routes import offers_router
 from engine.api.auth import RequireAdmin
 from engine.api.health import health_router
 from engine.api.journeys import journeys_router
@@ -79,6 +80,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(tracking_router(runtime))
     app.include_router(journeys_router(runtime), dependencies=admin_only)
     app.include_router(leads_router(runtime), dependencies=admin_only)
+    app.include_router(offers_router(runtime), dependencies=admin_only)
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
     app.add_middleware(TrackingCors)

@@ -16,6 +16,7 @@ from fastapi import Path as FastApiPath
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from channels.offers.routes import offer_view
 from engine.api.schemas import (
     AudienceView,
     EmailView,
@@ -38,6 +39,7 @@ from engine.db.schema import (
     goals,
     identities,
     leads,
+    offer_codes,
     outbox,
     sequence_runs,
     timers,
@@ -186,14 +188,19 @@ async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) 
             for row in await select_emails(connection, [lead.id, *merged_ids])
         ],
         offers=[
-            OfferView(
-                offer=row.target,
-                journey=row.journey_id,
-                status=row.status,
-                queued_at=row.created_at,
-            )
-            for row in queued
-            if row.action == "offer.grant"
+            *(offer_view(row) for row in await select_offers(connection, [lead.id, *merged_ids])),
+            *(
+                OfferView(
+                    offer=row.target,
+                    journey=row.journey_id,
+                    code=None,
+                    status="pending",
+                    granted_at=row.created_at,
+                    expires_at=None,
+                )
+                for row in queued
+                if row.action == "offer.grant" and row.status == "pending"
+            ),
         ],
         sequences=[
             *(
@@ -372,6 +379,16 @@ async def select_outbox(connection: AsyncConnection, lead_id: int) -> list[Recor
         select(outbox).where(outbox.c.lead_id == lead_id).order_by(outbox.c.created_at, outbox.c.id)
     )
     return list(result)
+
+
+async def select_offers(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Record]:
+    return list(
+        await connection.execute(
+            select(offer_codes)
+            .where(offer_codes.c.lead_id.in_(lead_ids))
+            .order_by(offer_codes.c.granted_at, offer_codes.c.id)
+        )
+    )
 
 
 async def select_sequence_runs(connection: AsyncConnection, lead_id: int) -> list[Record]:

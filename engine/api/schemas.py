@@ -208,10 +208,29 @@ class EmailView(BaseModel):
 
 
 class OfferView(BaseModel):
+    """A time-limited offer of the lead: `pending` (decided, code not issued yet),
+    `granted`, `redeemed` or `expired`."""
+
     offer: str
     journey: str
+    code: str | None
     status: str
-    queued_at: datetime
+    granted_at: datetime
+    expires_at: datetime | None
+    redeemed_at: datetime | None = None
+    expired_at: datetime | None = None
+    refused_after_expiry: int = 0
+
+
+class OfferFiguresView(BaseModel):
+    journey: str
+    offer: str
+    title: str | None
+    granted: int
+    redeemed: int
+    expired: int
+    redemption_rate: float | None = Field(description="redeemed / granted")
+    refused_after_expiry: int = Field(description="Redemptions refused: the code had expired")
 
 
 class SequenceView(BaseModel):

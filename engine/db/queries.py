@@ -35,6 +35,8 @@ from engine.db.schema import (
 # larger than the claim, so that workers skipping each other's locked leads still fill
 # their batch.
 WINDOW_FACTOR = 4
+# An outbox row waits as `pending` until its channel takes it over.
+OUTBOX_PENDING, OUTBOX_DISPATCHED = "pending", "dispatched"
 # Bound on bound parameters in one IN list (SQLite allows 32,766).
 CHUNK = 5_000
 
@@ -365,6 +367,18 @@ async def postpone_timers(
 ) -> None:
     for part in chunks(timer_ids):
         await connection.execute(update(timers).where(timers.c.id.in_(part)).values(due_at=due_at))
+
+
+async def mark_outbox_dispatched(
+    connection: AsyncConnection, outbox_ids: Sequence[int], now: datetime
+) -> None:
+    """A channel took these effects over: they are its rows now, not the outbox's."""
+    for part in chunks(outbox_ids):
+        await connection.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(part))
+            .values(status=OUTBOX_DISPATCHED, updated_at=now)
+        )
 
 
 async def insert_outbox(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:

@@ -273,6 +273,32 @@ class SequenceRun(Base):
     ended_at: Mapped[datetime | None]
 
 
+class OfferCode(Base):
+    """The code of a time-limited offer granted to a lead: one per lead, journey and offer."""
+
+    __tablename__ = "offers"
+    __table_args__ = (
+        Index("uq_offers_lead", "lead_id", "journey_id", "offer", unique=True),
+        Index("ix_offers_status_expires_at", "status", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    lead_id: Mapped[int] = mapped_column(BigId)
+    enrollment_id: Mapped[int | None] = mapped_column(BigId)
+    journey_id: Mapped[str] = mapped_column(String(64))
+    offer: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # granted | redeemed | expired
+    granted_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    redeemed_at: Mapped[datetime | None]
+    # How it was redeemed: "api", or the messageId of the tracked event carrying the code.
+    redeemed_by: Mapped[str | None] = mapped_column(String(256))
+    expired_at: Mapped[datetime | None]
+    # Redemptions refused because the code had expired: the offer came too late for them.
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class Suppression(Base):
     """An address never mailed again: unsubscribed, hard-bounced, or suppressed by hand."""
 
@@ -319,4 +345,5 @@ api_keys = cast(Table, ApiKey.__table__)
 emails = cast(Table, Email.__table__)
 sequence_runs = cast(Table, SequenceRun.__table__)
 suppressions = cast(Table, Suppression.__table__)
+offer_codes = cast(Table, OfferCode.__table__)
 secrets = cast(Table, Secret.__table__)

@@ -124,7 +124,7 @@ class Changes:
                         "journey_id": item.journey_id,
                         "action": effect.action,
                         "target": effect.target,
-                        "status": "pending",
+                        "status": queries.OUTBOX_PENDING,
                         "created_at": item.at,
                         "updated_at": item.at,
                     }

@@ -34,6 +34,11 @@ Claim = Callable[[AsyncConnection, datetime], Awaitable[list[int]]]
 FAILED_TIMER_BACKOFF = timedelta(minutes=10)
 
 
+# Work a channel does in the worker's transaction with the events it applies (an
+# offer code in `properties.coupon` is redeemed): exactly once, as the events are.
+EventHook = Callable[[AsyncConnection, Sequence[Any], datetime], Awaitable[None]]
+
+
 class Processor:
     def __init__(
         self,
@@ -43,8 +48,10 @@ class Processor:
         *,
         batch_leads: int = 500,
         batch_events: int = 20_000,
+        event_hooks: Sequence[EventHook] = (),
     ) -> None:
         self.db = db
+        self.event_hooks = tuple(event_hooks)
         self.book = book
         self.clock = clock
         self.batch_leads = batch_leads
@@ -145,6 +152,7 @@ class Processor:
         }
         latest = _latest_enrollments(enrollment_rows)
         changes = Changes(known, now)
+        applied: list[Any] = []
         failed: list[tuple[int, list[Any], list[Any]]] = []
         for row in live:
             until = horizons.get(row.id)
@@ -175,7 +183,10 @@ class Processor:
                 failed.append((row.id, lead_events, lead_timers))
                 continue
             changes.add_outcome(row.id, outcome, [event.id for event in lead_events])
+            applied.extend(lead_events)
         await changes.write(connection)
+        for hook in self.event_hooks:
+            await hook(connection, applied, now)
         for lead_id, lead_events, lead_timers in failed:
             await self._quarantine(connection, lead_id, lead_events, lead_timers, now)
         return changes.leads_count + len(failed)

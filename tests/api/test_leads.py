@@ -135,7 +135,7 @@ async def add_journey_rows(db: Database, lead_id: int) -> None:
         )
         queued = [
             ("email.send", "order_thanks", "dispatched"),
-            ("offer.grant", "free_install", "granted"),
+            ("offer.grant", "free_install", "pending"),
             ("sequence.start", "door_tips", "pending"),
             ("audience.add", "site_visitors", "done"),
         ]
@@ -283,7 +283,7 @@ async def test_a_lead_shows_its_ids_journeys_history_timers_and_channels(
             "message_id": "<1@cjm.test>",
         }
     ]
-    assert [(o["offer"], o["status"]) for o in lead["offers"]] == [("free_install", "granted")]
+    assert [(o["offer"], o["status"]) for o in lead["offers"]] == [("free_install", "pending")]
     assert [(s["sequence"], s["status"]) for s in lead["sequences"]] == [("door_tips", "pending")]
     assert lead["goals"] == [
         {"journey": "doors", "at": iso(NOW - timedelta(minutes=5)), "value": 1200.0}

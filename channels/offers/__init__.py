@@ -1,0 +1,1 @@
+"""Time-limited offers: unique codes granted by journeys, expired on time, redeemed once."""

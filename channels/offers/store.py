@@ -1,0 +1,280 @@
+"""The offer store: granting codes for `offer.grant` effects, expiring them on time,
+redeeming them once.
+
+The `offers` table is its own timer: an unredeemed code past `expires_at` is found by
+the expiry sweep through an index, so a restart loses no expiry. Every change happens
+in the caller's transaction and reports itself as an internal event (`offer.granted`,
+`offer.expired`, `offer.redeemed`) keyed by the code, so journeys can react and nothing
+is reported twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from channels.offers.codes import make_code
+from engine.db.queries import OUTBOX_PENDING, mark_outbox_dispatched, upsert
+from engine.db.schema import enrollments, offer_codes, outbox
+from engine.ingest.internal import emit
+from engine.journey.model import Journey
+from engine.machine.book import JourneyBook
+
+log = logging.getLogger("cjm.offers")
+
+GRANT = "offer.grant"
+GRANTED, REDEEMED, EXPIRED = "granted", "redeemed", "expired"
+BATCH = 500
+# A fresh code colliding with an existing one is a one-in-a-billion event; five in a row
+# means the pattern is too short for the number of codes granted.
+CODE_TRIES = 5
+MAX_CODE = 64
+
+
+async def grant_offers(
+    connection: AsyncConnection, book: JourneyBook, now: datetime, limit: int = BATCH
+) -> int:
+    """Grant codes for up to `limit` pending `offer.grant` effects, in the caller's
+    transaction; returns how many effects were handled."""
+    claimed = await _claim_pending_grants(connection, limit)
+    for row in claimed:
+        journey = _journey(book, row.journey_id, row.version)
+        offer = journey.offers.get(row.target) if journey is not None else None
+        if offer is None:
+            log.error("offer %s of %s is unknown here: not granted", row.target, row.journey_id)
+            continue
+        if await _held(connection, row.lead_id, row.journey_id, row.target):
+            continue  # granting again gives the same code: the lead keeps the one it has
+        expires_at = offer.expires.at or now + (offer.expires.after or timedelta(0))
+        code = await _insert_unique(connection, row, offer.code, now, expires_at)
+        await emit(
+            connection,
+            lead_id=row.lead_id,
+            name="offer.granted",
+            properties={
+                "offer": row.target,
+                "code": code,
+                "journey": row.journey_id,
+                "expires_at": expires_at.isoformat(),
+            },
+            at=now,
+            key=f"offer.granted:{code}",
+        )
+    await mark_outbox_dispatched(connection, [row.id for row in claimed], now)
+    return len(claimed)
+
+
+async def expire_offers(connection: AsyncConnection, now: datetime, limit: int = BATCH) -> int:
+    """Expire up to `limit` unredeemed codes whose time is up; returns how many."""
+    due = list(
+        await connection.execute(
+            select(offer_codes)
+            .where(offer_codes.c.status == GRANTED, offer_codes.c.expires_at <= now)
+            .order_by(offer_codes.c.expires_at, offer_codes.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if not due:
+        return 0
+    await connection.execute(
+        update(offer_codes)
+        .where(offer_codes.c.id.in_([row.id for row in due]))
+        .values(status=EXPIRED, expired_at=now)
+    )
+    for row in due:
+        await emit(
+            connection,
+            lead_id=row.lead_id,
+            name="offer.expired",
+            properties={"offer": row.offer, "code": row.code, "journey": row.journey_id},
+            # When the offer ran out, even if the sweep comes later (the server was down).
+            at=row.expires_at,
+            key=f"offer.expired:{row.code}",
+        )
+    return len(due)
+
+
+@dataclass(frozen=True)
+class Redemption:
+    outcome: Literal["redeemed", "already_redeemed", "expired", "unknown"]
+    offer: Any | None = None  # the row as it is now
+
+
+async def redeem(
+    connection: AsyncConnection, code: str, *, at: datetime, via: str, now: datetime
+) -> Redemption:
+    """Redeem `code` at `at` (the time of the purchase), exactly once. A code past its
+    expiry is refused and the refusal counted, whether or not the sweep expired it yet."""
+    row = await _lock_code(connection, code)
+    if row is None:
+        return Redemption("unknown")
+    if row.status == REDEEMED:
+        return Redemption("already_redeemed", row)
+    if row.status == EXPIRED or row.expires_at <= at:
+        await connection.execute(
+            update(offer_codes)
+            .where(offer_codes.c.id == row.id)
+            .values(refused=offer_codes.c.refused + 1)
+        )
+        return Redemption("expired", await _lock_code(connection, row.code))
+    await connection.execute(
+        update(offer_codes)
+        .where(offer_codes.c.id == row.id)
+        .values(status=REDEEMED, redeemed_at=at, redeemed_by=via)
+    )
+    await emit(
+        connection,
+        lead_id=row.lead_id,
+        name="offer.redeemed",
+        properties={"offer": row.offer, "code": row.code, "journey": row.journey_id},
+        at=at,
+        key=f"offer.redeemed:{row.code}",
+    )
+    return Redemption("redeemed", await _lock_code(connection, row.code))
+
+
+async def redeem_coupons(connection: AsyncConnection, events: Sequence[Any], now: datetime) -> None:
+    """The worker's hook: a tracked event whose `properties.coupon` is a code redeems it,
+    in the transaction that applies the event (so exactly once)."""
+    for event in events:
+        properties = (event.data or {}).get("properties") or {}
+        coupon = properties.get("coupon") if isinstance(properties, dict) else None
+        if not isinstance(coupon, str) or not 0 < len(coupon.strip()) <= MAX_CODE:
+            continue
+        at = min(event.timestamp, now)
+        result = await redeem(connection, coupon.strip(), at=at, via=event.message_id, now=now)
+        if result.outcome != "redeemed":
+            log.info("coupon %r in event %s: %s", coupon, event.message_id, result.outcome)
+
+
+async def lead_offer(connection: AsyncConnection, lead_id: int, journey_id: str) -> Any | None:
+    """The code the lead holds in the journey, for its emails: the latest still usable."""
+    result = await connection.execute(
+        select(offer_codes)
+        .where(
+            offer_codes.c.lead_id == lead_id,
+            offer_codes.c.journey_id == journey_id,
+            offer_codes.c.status == GRANTED,
+        )
+        .order_by(offer_codes.c.granted_at.desc(), offer_codes.c.id.desc())
+        .limit(1)
+    )
+    return result.first()
+
+
+@dataclass(frozen=True)
+class OfferFigures:
+    journey: str
+    offer: str
+    granted: int
+    redeemed: int
+    expired: int
+    refused_after_expiry: int
+
+    @property
+    def redemption_rate(self) -> float | None:
+        return self.redeemed / self.granted if self.granted else None
+
+
+async def offer_figures(connection: AsyncConnection, journey_id: str) -> list[OfferFigures]:
+    """Per offer of the journey: codes granted, redeemed, expired, and late redemptions."""
+    result = await connection.execute(
+        select(
+            offer_codes.c.offer,
+            func.count(),
+            func.count().filter(offer_codes.c.status == REDEEMED),
+            func.count().filter(offer_codes.c.status == EXPIRED),
+            func.coalesce(func.sum(offer_codes.c.refused), 0),
+        )
+        .where(offer_codes.c.journey_id == journey_id)
+        .group_by(offer_codes.c.offer)
+        .order_by(offer_codes.c.offer)
+    )
+    return [
+        OfferFigures(journey_id, offer, int(granted), int(redeemed), int(expired), int(refused))
+        for offer, granted, redeemed, expired, refused in result
+    ]
+
+
+# --- the queries -------------------------------------------------------------------------------
+
+
+def _journey(book: JourneyBook, journey_id: str, version: int | None) -> Journey | None:
+    if version is not None and (journey_id, version) in book.versions:
+        return book.versions[(journey_id, version)]
+    return book.current.get(journey_id)
+
+
+async def _claim_pending_grants(connection: AsyncConnection, limit: int) -> list[Any]:
+    result = await connection.execute(
+        select(
+            outbox.c.id,
+            outbox.c.lead_id,
+            outbox.c.enrollment_id,
+            outbox.c.journey_id,
+            outbox.c.target,
+            enrollments.c.version,
+        )
+        .outerjoin(enrollments, enrollments.c.id == outbox.c.enrollment_id)
+        .where(outbox.c.status == OUTBOX_PENDING, outbox.c.action == GRANT)
+        .order_by(outbox.c.created_at, outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=outbox)
+    )
+    return list(result)
+
+
+async def _held(connection: AsyncConnection, lead_id: int, journey_id: str, offer: str) -> bool:
+    found = await connection.scalar(
+        select(offer_codes.c.id).where(
+            offer_codes.c.lead_id == lead_id,
+            offer_codes.c.journey_id == journey_id,
+            offer_codes.c.offer == offer,
+        )
+    )
+    return found is not None
+
+
+async def _insert_unique(
+    connection: AsyncConnection, grant: Any, pattern: str, now: datetime, expires_at: datetime
+) -> str:
+    for _ in range(CODE_TRIES):
+        code = make_code(pattern)
+        inserted = await connection.execute(
+            upsert(connection, offer_codes)
+            .values(
+                code=code,
+                lead_id=grant.lead_id,
+                enrollment_id=grant.enrollment_id,
+                journey_id=grant.journey_id,
+                offer=grant.target,
+                status=GRANTED,
+                granted_at=now,
+                expires_at=expires_at,
+                refused=0,
+            )
+            .on_conflict_do_nothing(index_elements=["code"])
+            .returning(offer_codes.c.id)
+        )
+        if inserted.first() is not None:
+            return code
+    raise RuntimeError(f"no free code for {pattern!r} after {CODE_TRIES} tries: lengthen it")
+
+
+async def _lock_code(connection: AsyncConnection, code: str) -> Any | None:
+    """The offer with this code (codes are upper case; a lower-cased one is found too)."""
+    for candidate in dict.fromkeys((code, code.upper())):
+        result = await connection.execute(
+            select(offer_codes).where(offer_codes.c.code == candidate).with_for_update()
+        )
+        row = result.first()
+        if row is not None:
+            return row
+    return None
