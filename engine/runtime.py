@@ -12,6 +12,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from channels.audiences.channel import AudienceChannel
 from channels.email.channel import EmailChannel
 from channels.email.links import Links
 from channels.email.templates import check_templates
@@ -92,6 +93,7 @@ class Runtime:
             self.email = EmailChannel(
                 settings=settings, db=self.db, clock=self.clock, book=self.book, links=self.links
             )
+            self.audiences = AudienceChannel(db=self.db, clock=self.clock, book=self.book)
         except BaseException:
             await self.db.close()
             raise
@@ -105,6 +107,7 @@ class Runtime:
         if self.run_worker:
             await self.worker.start()
             await self.email.start()
+            await self.audiences.start()
         self._key_refresh = asyncio.create_task(self._refresh_keys(), name="cjm-keys")
         self._started = True
 
@@ -119,6 +122,7 @@ class Runtime:
         await self.inbox.stop()
         await self.worker.stop()
         await self.email.stop()
+        await self.audiences.stop()
         await self.db.close()
 
     async def _refresh_keys(self) -> None:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from channels.audiences.store import remove_lead
 from channels.email.links import CLICK, OPEN, UNSUBSCRIBE
 from channels.email.sequences import stop_lead_runs
 from channels.email.tokens import BadToken
@@ -168,8 +169,10 @@ def email_router(runtime: AppRuntime) -> APIRouter:
         async with runtime.db.write() as connection:
             lead = (await select_survivors(connection, [sealed.lead_id])).get(sealed.lead_id)
             if lead is not None:
-                # The rest of every nurture sequence of the lead, in every journey.
+                # The rest of every nurture sequence of the lead, in every journey, and
+                # its ads: an unsubscribed person leaves the retargeting audiences too.
                 await stop_lead_runs(connection, [lead.id], "unsubscribed", now)
+                await remove_lead(connection, lead.id, now)
             email = await _email(connection, sealed.email_id)
             address = email.to_address if email is not None else None
             address = address or (lead.email if lead is not None else None)

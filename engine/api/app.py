@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from channels.audiences.routes import audiences_router
 from channels.email.links import Links
 from channels.email.routes import email_router
 from channels.offers.routes import offers_router
@@ -81,6 +82,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(journeys_router(runtime), dependencies=admin_only)
     app.include_router(leads_router(runtime), dependencies=admin_only)
     app.include_router(offers_router(runtime), dependencies=admin_only)
+    app.include_router(audiences_router(runtime), dependencies=admin_only)
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
     app.add_middleware(TrackingCors)

@@ -407,6 +407,11 @@ async def add_to_audiences(connection: AsyncConnection, rows: list[dict[str, Any
                 else_=excluded.added_at,
             ),
             "removed_at": excluded.removed_at,
+            # A former member joining again is a change for the audience exports.
+            "seq": case(
+                (audience_members.c.removed_at.is_(None), audience_members.c.seq),
+                else_=None,
+            ),
         },
     )
     await connection.execute(statement, rows)
@@ -424,7 +429,7 @@ async def remove_from_audiences(connection: AsyncConnection, rows: list[dict[str
                     audience_members.c.removed_at.is_(None),
                 )
             )
-            .values(removed_at=bindparam("a_removed_at")),
+            .values(removed_at=bindparam("a_removed_at"), seq=None),
             [
                 {
                     "a_audience": row["audience"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar, cast
 
-from sqlalchemy import JSON, Float, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from engine.db.types import BigId, Instant
@@ -183,12 +183,25 @@ class AudienceMember(Base):
     """Membership of a lead in a retargeting audience, with add and remove times."""
 
     __tablename__ = "audience_members"
+    __table_args__ = (
+        Index("ix_audience_members_audience_seq", "audience", "seq"),
+        Index("ix_audience_members_audience_added_at", "audience", "added_at"),
+        Index(
+            "ix_audience_members_unsequenced",
+            "lead_id",
+            sqlite_where=text("seq IS NULL"),
+            postgresql_where=text("seq IS NULL"),
+        ),
+    )
 
     audience: Mapped[str] = mapped_column(String(64), primary_key=True)
     lead_id: Mapped[int] = mapped_column(BigId, primary_key=True, index=True)
     journey_id: Mapped[str] = mapped_column(String(64))
     added_at: Mapped[datetime]
     removed_at: Mapped[datetime | None]  # null while the lead is a member
+    # The change number exports page by: null from a change until the sequencer numbers it,
+    # in commit order, so an export cursor never passes a change still to come.
+    seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class GoalReached(Base):
@@ -310,6 +323,15 @@ class Suppression(Base):
     created_at: Mapped[datetime]
 
 
+class Counter(Base):
+    """A number that only grows, handed out under the row's lock (audience change numbers)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
 class Secret(Base):
     """Server-side secrets (the key that signs email links), generated on first use."""
 
@@ -347,3 +369,4 @@ sequence_runs = cast(Table, SequenceRun.__table__)
 suppressions = cast(Table, Suppression.__table__)
 offer_codes = cast(Table, OfferCode.__table__)
 secrets = cast(Table, Secret.__table__)
+counters = cast(Table, Counter.__table__)

@@ -488,6 +488,8 @@ class Offer(Frozen):
 
 class Audience(Frozen):
     description: str | None = None
+    # How long a lead stays in the audience after joining; unset: until removed.
+    ttl: Duration | None = None
 
 
 class Journey(Frozen):

@@ -102,7 +102,7 @@ def _on_event(journey: Journey, enrollment: Enrollment | None, event: Event, now
     for rule in journey.exit:
         if rule.on == event.name and rule.condition(view):
             left = leave(enrollment, now, _event_cause("exit", event))
-            return Step(left.enrollment, (*effects, *left.effects))
+            return Step(left.enrollment, (*effects, *left.effects, *_leave_audiences(journey)))
     enrollment = _stop_on(journey, enrollment, event, effects)
     stage = journey.stage(enrollment.stage)
     for _, transition in stage.on_event.get(event.name, ()):
@@ -229,7 +229,21 @@ def _finish_if_terminal(
     if not journey.stage(enrollment.stage).terminal:
         return enrollment
     effects.extend(_stop_sequences(enrollment, "end"))
+    effects.extend(_leave_audiences(journey, keep=journey.stage(enrollment.stage)))
     return replace(enrollment, state="completed", ended_at=now, sequences=())
+
+
+def _leave_audiences(journey: Journey, keep: Stage | None = None) -> list[Effect]:
+    """A lead whose run ends leaves the journey's audiences: ads follow the journey. The
+    audiences the final stage itself adds the lead to are kept (a terminal `lost` stage
+    may put the lead in a win-back audience on purpose)."""
+    kept = {
+        name
+        for action in (keep.on_enter if keep is not None else ())
+        if isinstance(action, AudienceAdd)
+        for name in action.audiences
+    }
+    return [RemoveFromAudience(name) for name in journey.audiences if name not in kept]
 
 
 def _stop_on(

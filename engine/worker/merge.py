@@ -131,6 +131,10 @@ async def _merge_audiences(connection: AsyncConnection, survivor: int, absorbed:
     await connection.execute(
         audience_members.delete().where(audience_members.c.lead_id == absorbed)
     )
+    # The survivor's traits are the merged ones now: exports send its rows again.
+    await connection.execute(
+        update(audience_members).where(audience_members.c.lead_id == survivor).values(seq=None)
+    )
 
 
 async def _merge_traits(

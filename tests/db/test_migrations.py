@@ -127,7 +127,12 @@ async def test_migrations_create_the_declared_partial_index_predicates(
         for index in indexes
         if any(option.endswith("_where") for option in index["dialect_options"])
     }
-    assert partial == {"ix_events_pending", "uq_enrollments_active", "uq_sequence_runs_active"}
+    assert partial == {
+        "ix_events_pending",
+        "uq_enrollments_active",
+        "uq_sequence_runs_active",
+        "ix_audience_members_unsequenced",
+    }
 
 
 async def test_upgrade_twice_changes_nothing_the_second_time(empty_url: str) -> None:

@@ -14,9 +14,8 @@ from sqlalchemy import insert, select
 
 from channels.email.tokens import Sealer
 from engine.api.app import create_app
-from engine.clock import ManualClock
 from engine.db.schema import emails, events, suppressions
-from tests.worker.conftest import FUNNEL, START, Engine, start_engine, write_funnel
+from tests.worker.conftest import FUNNEL, Engine, running_engine, write_funnel
 
 SHOP = "https://shop.example.com/doors?a=1&b=2"
 CATALOG = {"path": "/catalog/doors"}
@@ -27,12 +26,8 @@ ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 async def engine(database_url: str, tmp_path: Path) -> AsyncIterator[Engine]:
     """The worker tests' funnel, exited on `email.unsubscribed` instead of `opted_out`."""
     journeys = write_funnel(tmp_path, FUNNEL.replace("on: opted_out", "on: email.unsubscribed"))
-    clock = ManualClock(START)
-    runtime = await start_engine(database_url, journeys, clock)
-    try:
-        yield Engine(runtime, clock)
-    finally:
-        await runtime.stop()
+    async with running_engine(database_url, journeys) as engine:
+        yield engine
 
 
 @pytest.fixture

@@ -483,7 +483,7 @@ def test_spec_example_with_its_unquoted_comma_is_an_unknown_key(tmp_path: Path) 
         DOORS.replace(quoted, "{description: Saw the catalog, did not come back}"),
     )
     assert errors_of(path) == [
-        f"{path}:79: unknown key 'did not come back' (expected one of: description)"
+        f"{path}:79: unknown key 'did not come back' (expected one of: description, ttl)"
     ]
 
 

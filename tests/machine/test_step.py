@@ -644,7 +644,13 @@ def test_exit_event_ends_enrollment_from_any_stage(stage: str) -> None:
     assert result.enrollment.stage == stage
     assert result.enrollment.ended_at == at(hours=1)
     cause = Cause("exit", event="email.unsubscribed", message_id="u1", timestamp=at(hours=1))
-    assert result.effects == (CancelTimers(), Transitioned(stage, None, at(hours=1), cause))
+    leaves = tuple(RemoveFromAudience(name) for name in DOORS.audiences)
+    assert len(leaves) == 2  # the lead leaves every audience of the journey it left
+    assert result.effects == (
+        CancelTimers(),
+        Transitioned(stage, None, at(hours=1), cause),
+        *leaves,
+    )
 
 
 def test_exit_event_ends_enrollment_and_stops_sequences() -> None:
@@ -1029,3 +1035,32 @@ def test_stop_on_event_of_a_sequence_that_is_not_running_does_nothing() -> None:
     result = step(DOORS, lead, event("order_completed", at(days=1)), at(days=1))
 
     assert [e for e in of_type(result.effects, ChannelAction) if e.action == "sequence.stop"] == []
+
+
+def test_a_run_ending_in_a_terminal_stage_leaves_the_audiences_that_stage_does_not_add() -> None:
+    ending = journey(
+        [
+            {
+                "id": "browsing",
+                "on_enter": [{"audience.add": ["visitors", "browsers"]}],
+                "transitions": [{"on": "quit", "to": "lost"}],
+            },
+            {"id": "lost", "terminal": True, "on_enter": [{"audience.add": "win_back"}]},
+        ],
+        audiences={"visitors": {}, "browsers": {}, "win_back": {}},
+    )
+    browsing = step(ending, None, event("go"), at()).enrollment
+
+    result = step(ending, browsing, event("quit", at(hours=1)), at(hours=1))
+
+    assert result.enrollment is not None and result.enrollment.state == "completed"
+    audience_effects = [
+        effect
+        for effect in result.effects
+        if isinstance(effect, (AddToAudience, RemoveFromAudience))
+    ]
+    assert audience_effects == [
+        AddToAudience("win_back"),
+        RemoveFromAudience("visitors"),
+        RemoveFromAudience("browsers"),
+    ]

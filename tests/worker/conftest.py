@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -181,11 +182,18 @@ async def start_engine(database_url: str, journeys: JourneySet, clock: ManualClo
     return runtime
 
 
-@pytest.fixture
-async def engine(database_url: str, tmp_path: Path) -> AsyncIterator[Engine]:
+@asynccontextmanager
+async def running_engine(database_url: str, journeys: JourneySet) -> AsyncIterator[Engine]:
+    """The engine running `journeys` on a manual clock set to START, stopped at the end."""
     clock = ManualClock(START)
-    runtime = await start_engine(database_url, write_funnel(tmp_path), clock)
+    runtime = await start_engine(database_url, journeys, clock)
     try:
         yield Engine(runtime, clock)
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def engine(database_url: str, tmp_path: Path) -> AsyncIterator[Engine]:
+    async with running_engine(database_url, write_funnel(tmp_path)) as engine:
+        yield engine

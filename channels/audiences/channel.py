@@ -1,0 +1,55 @@
+"""The audience jobs of one process: numbering membership changes for the exports, and
+removing members whose audience `ttl` ran out. Every process running a worker runs
+them; the database keeps them one at a time (see store.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from channels.audiences.store import expire_members, number_changes
+from engine.clock import Clock
+from engine.db.database import Database
+from engine.machine.book import JourneyBook
+from engine.scheduling import start_periodic
+
+log = logging.getLogger("cjm.audiences")
+
+INTERVAL_S = 0.5
+
+
+class AudienceChannel:
+    def __init__(self, *, db: Database, clock: Clock, book: JourneyBook) -> None:
+        self.db = db
+        self.clock = clock
+        self.book = book
+        self._scheduler: AsyncIOScheduler | None = None
+        self._running = asyncio.Lock()  # held by a job, so stop() lets it finish
+
+    async def start(self) -> None:
+        self._scheduler = start_periodic([("audiences", self._job)], INTERVAL_S)
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+            async with self._running:
+                pass
+
+    async def run_once(self) -> None:
+        """Expire what is due and number every change: for tests and one-shot runs."""
+        async with self._running:
+            async with self.db.write() as connection:
+                await expire_members(connection, self.book.current.values(), self.clock.now())
+            while True:
+                async with self.db.write() as connection:
+                    if not await number_changes(connection):
+                        return
+
+    async def _job(self) -> None:
+        try:
+            await self.run_once()
+        except Exception:
+            log.exception("audience upkeep failed; retrying at the next run")

@@ -1,0 +1,200 @@
+"""Audience membership as the exports read it: numbered changes, expiry, leavers.
+
+The worker records each add and remove in `audience_members` (the row keeps its add and
+remove times) and marks the row changed (`seq` null). The sequencer then numbers changed
+rows, one sequencer at a time, so change numbers grow in commit order: an export that
+has read up to number N has seen every change numbered N or less, and a cursor holding
+N lets the next sync ask for exactly what changed since. A row changed again is
+numbered again: a sync gets each member's latest state once.
+
+A member is exported as a removal once it left the audience (its journey ended, its
+`ttl` ran out, the audience dropped it) or once its address unsubscribed: people who
+asked for no marketing are taken out of ad audiences too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import BigInteger, and_, case, exists, func, select, type_coerce, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.db.queries import upsert
+from engine.db.schema import audience_members, counters, leads, suppressions
+from engine.db.types import Instant
+from engine.journey.model import Journey
+
+CHANGES = "audience_changes"  # the counter of membership change numbers
+SEQUENCE_BATCH = 10_000
+
+Op = Literal["add", "remove"]
+
+
+async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATCH) -> int:
+    """Number up to `limit` changed memberships after the last number given; returns how
+    many. Run in its own short transaction: the counter's row lock, held to commit, keeps
+    numbering one at a time, so numbers become visible in the order they were given."""
+    changed = list(
+        await connection.execute(
+            select(audience_members.c.audience, audience_members.c.lead_id)
+            .where(audience_members.c.seq.is_(None))
+            .limit(limit)
+        )
+    )
+    if not changed:
+        return 0
+    await connection.execute(
+        upsert(connection, counters)
+        .values(name=CHANGES, value=0)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    top = await connection.scalar(
+        update(counters)
+        .where(counters.c.name == CHANGES)
+        .values(value=counters.c.value + len(changed))
+        .returning(counters.c.value)
+    )
+    first = int(top or 0) - len(changed) + 1
+    for number, row in enumerate(changed, start=first):
+        await connection.execute(
+            update(audience_members)
+            .where(
+                audience_members.c.audience == row.audience,
+                audience_members.c.lead_id == row.lead_id,
+                audience_members.c.seq.is_(None),
+            )
+            .values(seq=number)
+        )
+    return len(changed)
+
+
+async def expire_members(
+    connection: AsyncConnection, journeys: Collection[Journey], now: datetime
+) -> int:
+    """Remove members whose audience `ttl` has run out since they joined; returns how many."""
+    removed = 0
+    for journey in journeys:
+        for name, audience in journey.audiences.items():
+            if audience.ttl is None:
+                continue
+            result = await connection.execute(
+                update(audience_members)
+                .where(
+                    audience_members.c.audience == name,
+                    audience_members.c.removed_at.is_(None),
+                    audience_members.c.added_at <= now - audience.ttl,
+                )
+                # Left when the ttl ran out, however late the sweep came.
+                .values(removed_at=_plus(audience_members.c.added_at, audience.ttl), seq=None)
+            )
+            removed += result.rowcount
+    return removed
+
+
+def _plus(instant: Any, duration: timedelta) -> Any:
+    """`instant + duration` computed in the database, on the microseconds it stores."""
+    micros = duration // timedelta(microseconds=1)
+    return type_coerce(type_coerce(instant, BigInteger) + micros, Instant)
+
+
+async def remove_lead(connection: AsyncConnection, lead_id: int, now: datetime) -> None:
+    """Take the lead out of every audience (it unsubscribed from marketing)."""
+    await connection.execute(
+        update(audience_members)
+        .where(audience_members.c.lead_id == lead_id, audience_members.c.removed_at.is_(None))
+        .values(removed_at=now, seq=None)
+    )
+
+
+@dataclass(frozen=True)
+class Member:
+    """One exported row: the change number, what to do, and the lead's traits."""
+
+    seq: int
+    op: Op
+    lead_id: int
+    traits: dict[str, Any]
+    added_at: datetime
+    removed_at: datetime | None
+
+
+async def last_number(connection: AsyncConnection) -> int:
+    """The last change number given: every change numbered up to it is visible."""
+    top = await connection.scalar(select(counters.c.value).where(counters.c.name == CHANGES))
+    return int(top or 0)
+
+
+def _unsubscribed() -> Any:
+    return exists().where(
+        suppressions.c.email == leads.c.email, suppressions.c.reason == "unsubscribed"
+    )
+
+
+async def read_members(
+    connection: AsyncConnection,
+    audience: str,
+    *,
+    after: int,
+    upto: int,
+    limit: int,
+    adds_only: bool,
+) -> list[Member]:
+    """The audience's changes numbered in (after, upto], oldest first, at most `limit`:
+    each member's latest state. `adds_only` (a full export) leaves out the leavers."""
+    leaving = audience_members.c.removed_at.is_not(None) | _unsubscribed()
+    query = (
+        select(
+            audience_members.c.seq,
+            audience_members.c.lead_id,
+            audience_members.c.added_at,
+            audience_members.c.removed_at,
+            leads.c.traits,
+            case((leaving, "remove"), else_="add").label("op"),
+        )
+        .join(leads, leads.c.id == audience_members.c.lead_id)
+        .where(
+            audience_members.c.audience == audience,
+            audience_members.c.seq > after,
+            audience_members.c.seq <= upto,
+        )
+        .order_by(audience_members.c.seq)
+        .limit(limit)
+    )
+    if adds_only:
+        query = query.where(~leaving)
+    return [
+        Member(row.seq, row.op, row.lead_id, dict(row.traits or {}), row.added_at, row.removed_at)
+        for row in await connection.execute(query)
+    ]
+
+
+async def count_members(
+    connection: AsyncConnection, audience: str, *, after: int, upto: int, adds_only: bool
+) -> int:
+    """How many rows `read_members` would give over the whole range (for progress bars)."""
+    query = (
+        select(func.count())
+        .select_from(audience_members.join(leads, leads.c.id == audience_members.c.lead_id))
+        .where(
+            audience_members.c.audience == audience,
+            audience_members.c.seq > after,
+            audience_members.c.seq <= upto,
+        )
+    )
+    if adds_only:
+        query = query.where(and_(audience_members.c.removed_at.is_(None), ~_unsubscribed()))
+    return int(await connection.scalar(query) or 0)
+
+
+async def audience_sizes(connection: AsyncConnection) -> dict[str, int]:
+    """Current members per audience (unsubscribed leads not counted)."""
+    result = await connection.execute(
+        select(audience_members.c.audience, func.count())
+        .select_from(audience_members.join(leads, leads.c.id == audience_members.c.lead_id))
+        .where(audience_members.c.removed_at.is_(None), ~_unsubscribed())
+        .group_by(audience_members.c.audience)
+    )
+    return {name: int(size) for name, size in result}
