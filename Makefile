@@ -21,12 +21,16 @@ run: $(STAMP)
 	$(BIN)/cjm serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine channels tests
-	$(BIN)/ruff format --check engine channels tests
-	$(BIN)/mypy engine channels
+	$(BIN)/ruff check engine channels tests bench
+	$(BIN)/ruff format --check engine channels tests bench
+	$(BIN)/mypy engine channels bench
 
 test: $(STAMP) lint
 	$(if $(PG_UP),CJM_TEST_POSTGRES_URL=$${CJM_TEST_POSTGRES_URL:-$(PG_URL)}) $(BIN)/pytest -q
+
+# Benchmarks print their figures beside a baseline measured in the same run.
+bench: $(STAMP)
+	$(BIN)/python bench/audience_export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var

@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import logging
+import os
 import re
+import secrets
 import signal
-from collections.abc import Collection, Mapping
+import sys
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal, NoReturn, TypeVar
 
 import typer
 from jinja2 import TemplateError
 
+from channels.audiences.export import META_PAGE, BadCursor, Cursor, csv_export, meta_page
+from channels.audiences.store import count_members, last_number, number_changes
 from channels.email import EmailTemplates, OfferView, RenderedEmail
 from channels.email.templates import SAMPLE_LEAD, SAMPLE_UNSUBSCRIBE_URL
 from engine.config import Settings
 from engine.db.migrate import DatabaseNotMigrated
-from engine.journey import Journey, JourneyErrors, load_journeys
+from engine.journey import Journey, JourneyErrors, JourneySet, load_journeys
 from engine.journey.model import EmailSend
 from engine.runtime import Runtime, load_checked_journeys
 
+if TYPE_CHECKING:
+    from engine.db.database import Database
+
 # Lead ids are 64-bit database ids.
 MAX_LEAD_ID = 2**63 - 1
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="cjm runs customer journey maps: YAML maps of a segment, executed as state machines.",
@@ -35,8 +48,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="The write and admin keys.", no_args_is_help=True)
+audiences_app = typer.Typer(help="Audiences for ad platforms.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audiences_app, name="audiences")
 
 
 def main() -> None:
@@ -265,16 +280,21 @@ def _sending_journey(
     """The journey named, else the first that sends the template and the lead is in (of
     the `enrolled` journey ids), else the first that sends it: its brand and offers make
     the preview look like the real email."""
-    try:
-        journeys = load_journeys([settings.journeys_dir])
-    except JourneyErrors as error:
-        _fail(f"{error}\nthe journeys above are invalid")
+    journeys = _journeys(settings)
     if journey_id is not None:
         if journey_id not in journeys:
             _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
         return journeys[journey_id]
     senders = [j for j in journeys if template in j.templates]
     return next((j for j in senders if j.id in enrolled), senders[0] if senders else None)
+
+
+def _journeys(settings: Settings) -> JourneySet:
+    """The journeys of CJM_JOURNEYS_DIR, or exit 1 with every error in them."""
+    try:
+        return load_journeys([settings.journeys_dir])
+    except JourneyErrors as error:
+        _fail(f"{error}\nthe journeys above are invalid")
 
 
 def _sending_stage(journey: Journey | None, template: str) -> tuple[str, str]:
@@ -311,8 +331,6 @@ def _read_lead(database_url: str, lead_id: int) -> _StoredLead:
     """The lead `lead_id` is now (the survivor when it was merged into another), or say
     in plain words why it cannot be read and exit 1. Reads only: never migrates."""
     from sqlalchemy import select
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
 
     from engine.db.database import Database
     from engine.db.migrate import ensure_current
@@ -337,29 +355,47 @@ def _read_lead(database_url: str, lead_id: int) -> _StoredLead:
             await db.close()
         return _StoredLead(traits=dict(row.traits or {}), stages=stages)
 
+    if not 1 <= lead_id <= MAX_LEAD_ID:
+        _fail(f"no lead {lead_id}: lead ids are whole numbers from 1")
+    where = _database_at(database_url)
+    found = _on_database(where, f"read lead {lead_id} from", read)
+    if found is None:
+        _fail(f"no lead {lead_id} in the database at {where}")
+    return found
+
+
+def _database_at(database_url: str) -> str:
+    """Where the database is, for messages (its password hidden); exit 1 when
+    CJM_DATABASE_URL is not a URL, or names an SQLite file that is not there."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         url = make_url(database_url)
     except SQLAlchemyError as error:
         _fail(f"CJM_DATABASE_URL: {error}")
     where = url.render_as_string(hide_password=True)
-    if not 1 <= lead_id <= MAX_LEAD_ID:
-        _fail(f"no lead {lead_id}: lead ids are whole numbers from 1")
     file = url.database or ""
     is_path = file not in ("", ":memory:") and not file.startswith("file:")
     # SQLite would create an empty file where there is none: say so instead.
     if url.get_backend_name() == "sqlite" and is_path and not Path(file).exists():
         _fail(f"no database at {where}: is CJM_DATABASE_URL right?")
+    return where
+
+
+def _on_database(where: str, doing: str, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run `work`, which opens the database at `where` (after `ensure_current`), or say
+    in plain words why it failed and exit 1: "cannot {doing} the database at ..."."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
-        found = asyncio.run(read())
+        return asyncio.run(work())
     except DatabaseNotMigrated as error:
         _fail(str(error))
     except (SQLAlchemyError, OSError, ValueError) as error:
         # The driver's own words, without SQLAlchemy's wrapping and links.
         reason = getattr(error, "orig", None) or error
-        _fail(f"cannot read lead {lead_id} from the database at {where}: {reason}")
-    if found is None:
-        _fail(f"no lead {lead_id} in the database at {where}")
-    return found
+        _fail(f"cannot {doing} the database at {where}: {reason}")
 
 
 def _sample_offer(journey: Journey | None, name: str) -> OfferView:
@@ -423,6 +459,219 @@ def keys_rotate(name: Annotated[str, typer.Argument(help="write or admin")]) -> 
         _fail(str(error))
     for key_name, key in sorted(new_keys.items()):
         typer.echo(f"new {key_name} key: {key}   (shown only once: keep it)")
+
+
+@audiences_app.command("export")
+def audiences_export(
+    name: Annotated[str, typer.Argument(help="An audience of the journeys, like visitors.")],
+    format_: Annotated[
+        Literal["meta", "google", "csv"],
+        typer.Option(
+            "--format",
+            help="meta: JSON Lines of Meta Custom Audience pages (hashed); google: Google "
+            "Customer Match CSV; csv: the clear list, with an op column.",
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The file to write; - for standard output.")
+    ],
+    cursor: Annotated[
+        str | None,
+        typer.Option(
+            help="The next cursor a previous export printed: only the adds and removes since."
+        ),
+    ] = None,
+    op: Annotated[
+        Literal["add", "remove"] | None,
+        typer.Option(help="--format google: a file of the adds (default) or of the removes."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=META_PAGE,
+            help=f"--format meta: rows per page (default and most: {META_PAGE:,}).",
+        ),
+    ] = None,
+) -> None:
+    """Export an audience for an ad platform, in full or the changes since a cursor; print
+    the cursor to sync on from next time."""
+    settings = _settings()
+    known = sorted({audience for journey in _journeys(settings) for audience in journey.audiences})
+    if name not in known:
+        _fail(
+            f"no audience {name!r} in the journeys of {settings.journeys_dir}; "
+            f"there are: {', '.join(known) or 'none'}"
+        )
+    try:
+        # Empty, as the HTTP API takes it: from the beginning.
+        start = Cursor.decode(cursor) if cursor else Cursor()
+    except BadCursor as error:
+        _fail(f"--cursor: {error}; pass the next cursor a previous export printed")
+    if limit is not None and format_ != "meta":
+        _fail("--limit is the page size of --format meta: the CSV formats are one whole file")
+    if op is not None and format_ != "google":
+        _fail(
+            "--op is for --format google, a file of adds or of removes: "
+            "meta pages and the clear CSV say each row's op"
+        )
+    where = _database_at(settings.database_url)
+    to_stdout = str(output) == "-"
+    shown = "standard output" if to_stdout else str(output)
+
+    async def export(write: Callable[[str], None]) -> tuple[int, str]:
+        from engine.db.database import Database
+        from engine.db.migrate import ensure_current
+
+        await ensure_current(settings.database_url)
+        db = Database(settings.database_url)
+        try:
+            # What a running server numbers every 0.5 s: the latest changes are in too.
+            while True:
+                async with db.write() as connection:
+                    if not await number_changes(connection):
+                        break
+            async with db.read() as connection:
+                upto = start.upto if start.upto is not None else await last_number(connection)
+                expected = await count_members(
+                    connection, name, after=start.after, upto=upto, adds_only=start.full
+                )
+            # The range fixed now, so the bar's count and the rows written agree.
+            fixed = Cursor(start.after, upto, start.full)
+            with typer.progressbar(
+                length=expected, label=f"exporting {name}", show_pos=True, file=sys.stderr
+            ) as bar:
+                if format_ == "meta":
+                    done = await _meta_pages(
+                        db, name, fixed, limit or META_PAGE, settings, write, bar.update
+                    )
+                else:
+                    done = await _csv_file(
+                        db, name, fixed, format_, op, settings, write, bar.update
+                    )
+                # A google file of one op leaves the other's rows out: still, all done.
+                bar.update(max(expected - done[0], 0))
+            return done
+        finally:
+            await db.close()
+
+    target: AbstractContextManager[BinaryIO] = (
+        nullcontext(typer.get_binary_stream("stdout")) if to_stdout else _whole_file(output)
+    )
+    try:
+        with target as stream:
+            rows, following = _on_database(
+                where, f"export audience {name!r} from", lambda: export(_writer(stream))
+            )
+            if to_stdout:
+                _flush(stream)
+    except _OutputFailed as error:
+        _fail(f"cannot write {shown}: {error}")
+    typer.echo(f"wrote {rows} row{'' if rows == 1 else 's'} to {shown}", err=to_stdout)
+    typer.echo(f"next cursor: {following}", err=to_stdout)
+
+
+async def _meta_pages(
+    db: Database,
+    audience: str,
+    cursor: Cursor,
+    limit: int,
+    settings: Settings,
+    write: Callable[[str], None],
+    advance: Callable[[int], None],
+) -> tuple[int, str]:
+    """Every page over the cursor's range, one JSON object a line (pages without rows left
+    out: nothing to upload); the rows written and the cursor to sync on from."""
+    rows = 0
+    while True:
+        page = await meta_page(db, audience, cursor, limit, settings.default_region)
+        if page["data"]:
+            write(json.dumps(page, separators=(",", ":")) + "\n")
+            rows += len(page["data"])
+            advance(len(page["data"]))
+        if not page["has_more"]:
+            return rows, str(page["next_cursor"])
+        cursor = Cursor.decode(page["next_cursor"])
+
+
+async def _csv_file(
+    db: Database,
+    audience: str,
+    cursor: Cursor,
+    format_: str,
+    op: Literal["add", "remove"] | None,
+    settings: Settings,
+    write: Callable[[str], None],
+    advance: Callable[[int], None],
+) -> tuple[int, str]:
+    """The whole CSV over the cursor's range; the rows written (not the header) and the
+    cursor to sync on from."""
+    google = format_ == "google"
+    result = await csv_export(
+        db,
+        audience,
+        cursor,
+        google=google,
+        ops=[op or "add"] if google else ["add", "remove"],
+        region=settings.default_region,
+    )
+    rows = 0
+    header = 1
+    async for chunk in result.lines:
+        write(chunk)
+        # Records, not newlines: a quoted trait may hold a line break.
+        written = sum(1 for _ in csv.reader(io.StringIO(chunk))) - header
+        header = 0
+        rows += written
+        advance(written)
+    return rows, result.next_cursor
+
+
+class _OutputFailed(Exception):
+    """The export's output could not be written (its reason, as the system says it)."""
+
+
+def _writer(stream: BinaryIO) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        try:
+            stream.write(text.encode("utf-8"))
+        except OSError as error:
+            raise _OutputFailed(error.strerror or str(error)) from error
+
+    return write
+
+
+def _flush(stream: BinaryIO) -> None:
+    try:
+        stream.flush()
+    except OSError as error:
+        raise _OutputFailed(error.strerror or str(error)) from error
+
+
+@contextmanager
+def _whole_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears whole or not at all: written beside `path` under a hidden name,
+    renamed over it once complete (half an audience uploaded would drop the other half
+    from the ads). Exits 1 at once when it cannot be written."""
+    if path.is_dir():
+        _fail(f"cannot write {path}: it is a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        _fail(f"cannot write {path}: permission denied")
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        stream = partial.open("xb")  # the mode of any new file (umask), not 0600
+    except OSError as error:
+        _fail(f"cannot write {path}: {error.strerror or error}")
+    try:
+        yield stream
+        try:
+            stream.close()
+            partial.replace(path)
+        except OSError as error:
+            raise _OutputFailed(error.strerror or str(error)) from error
+    finally:
+        stream.close()
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

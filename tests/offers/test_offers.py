@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +219,41 @@ async def test_a_tracked_event_with_the_coupon_redeems_it_exactly_once(
     assert [(o["offer"], o["code"], o["status"]) for o in lead["offers"]] == [
         ("welcome", offer.code, "redeemed")
     ]
+
+
+async def test_two_leads_merged_keep_one_code_each_and_both_still_redeem(
+    promo: Mail, client: httpx.AsyncClient
+) -> None:
+    await promo.send("track", anonymousId="phone", event="signed_up")
+    await settle(promo)
+    phone = await promo.lead_id(anonymous_id="phone")
+    desktop = await sign_up(promo, "buyer")
+    (phone_code,) = await offers_of(promo, phone)
+    (desktop_code,) = await offers_of(promo, desktop)
+
+    await promo.send("alias", previousId="phone", userId="buyer")
+    await settle(promo)
+
+    assert [row.code for row in await offers_of(promo, desktop)] == [desktop_code.code]
+    lead = (await client.get(f"/v1/leads/{desktop}")).json()
+    assert sorted(offer["code"] for offer in lead["offers"]) == sorted(
+        [phone_code.code, desktop_code.code]
+    )
+    for code in (phone_code.code, desktop_code.code):
+        assert (await client.post(f"/v1/offers/{code}/redeem")).status_code == 200
+
+
+async def test_an_offer_can_run_until_a_fixed_date(
+    database_url: str, tmp_path: Path, smtp: SmtpServer
+) -> None:
+    deadline = "2026-12-31T23:59:59+03:00"
+    dated = PROMO.replace("expires: {after: 1h}", f'expires: {{at: "{deadline}"}}')
+    async with running_mail(database_url, tmp_path, smtp, [dated], {"promo": PROMO_EMAIL}) as mail:
+        lead_id = await sign_up(mail)
+        (offer,) = await offers_of(mail, lead_id)
+        assert offer.expires_at == datetime.fromisoformat(deadline)
+
+        await settle(mail, offer.expires_at - mail.clock.now() - timedelta(seconds=1))
+        assert [row.status for row in await offers_of(mail, lead_id)] == ["granted"]
+        await settle(mail, timedelta(seconds=1))
+        assert [row.status for row in await offers_of(mail, lead_id)] == ["expired"]
