@@ -102,7 +102,10 @@ async def meta_page(
     return {
         "schema": list(META_SCHEMA),
         "op": op,
-        "data": [meta_row(member.traits, region) for member in page],
+        "data": [
+            member.erased["meta"] if member.erased else meta_row(member.traits, region)
+            for member in page
+        ],
         "next_cursor": following.encode(),
         "has_more": has_more,
     }
@@ -143,7 +146,9 @@ async def csv_export(
     header: Iterable[str] = GOOGLE_HEADER if google else CSV_HEADER
 
     def row(member: Member) -> list[Any]:
-        return google_row(member.traits, region) if google else _clear_row(member)
+        if not google:
+            return _clear_row(member)  # an erased lead's traits are empty: nothing in clear
+        return member.erased["google"] if member.erased else google_row(member.traits, region)
 
     return CsvExport(
         _csv_lines(db, audience, cursor, upto, wanted, header, row),

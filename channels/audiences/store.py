@@ -119,6 +119,8 @@ class Member:
     traits: dict[str, Any]
     added_at: datetime
     removed_at: datetime | None
+    # An erased lead's hashed identifiers by platform ("meta", "google"): all that is left.
+    erased: dict[str, list[str]] | None = None
 
 
 async def last_number(connection: AsyncConnection) -> int:
@@ -152,6 +154,7 @@ async def read_members(
             audience_members.c.added_at,
             audience_members.c.removed_at,
             leads.c.traits,
+            audience_members.c.erased,
             case((leaving, "remove"), else_="add").label("op"),
         )
         .join(leads, leads.c.id == audience_members.c.lead_id)
@@ -166,7 +169,15 @@ async def read_members(
     if adds_only:
         query = query.where(~leaving)
     return [
-        Member(row.seq, row.op, row.lead_id, dict(row.traits or {}), row.added_at, row.removed_at)
+        Member(
+            row.seq,
+            row.op,
+            row.lead_id,
+            dict(row.traits or {}),
+            row.added_at,
+            row.removed_at,
+            row.erased,
+        )
         for row in await connection.execute(query)
     ]
 

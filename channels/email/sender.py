@@ -44,6 +44,7 @@ from channels.email.transport import PermanentFailure, TransientFailure, Transpo
 from channels.offers.store import lead_offer
 from engine.clock import Clock
 from engine.db.database import Database
+from engine.db.hashing import hashed_address
 from engine.db.queries import chunks, select_survivors, upsert
 from engine.db.schema import emails, enrollments, sequence_runs, suppressions
 from engine.ingest.internal import emit
@@ -460,9 +461,12 @@ async def record_outcome(
 
 
 async def select_suppression(connection: AsyncConnection, address: str) -> str | None:
-    """Why the (lowercased) address must not be mailed, or None."""
+    """Why the (lowercased) address must not be mailed, or None. An erased person's
+    address is kept only as its hash, and still counts."""
     reason: str | None = await connection.scalar(
-        select(suppressions.c.reason).where(suppressions.c.email == address)
+        select(suppressions.c.reason)
+        .where(suppressions.c.email.in_((address, hashed_address(address))))
+        .limit(1)
     )
     return reason
 

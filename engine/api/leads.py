@@ -17,10 +17,12 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.offers.routes import offer_view
+from engine.api.erasure import erase_lead
 from engine.api.schemas import (
     AudienceView,
     EmailView,
     EnrollmentView,
+    Erased,
     EventView,
     GoalView,
     HistoryEntry,
@@ -87,6 +89,29 @@ def leads_router(runtime: AppRuntime) -> APIRouter:
                 raise HTTPException(404, f"no lead {lead_id}")
             return await _detail(connection, lead, runtime.book)
 
+    @router.delete(
+        "/v1/leads/{lead_id}",
+        summary="Erase a lead on request: personal data, ids, events, queued emails and codes",
+        description=(
+            "The lead and every lead merged into it. Its audience memberships end and are "
+            "exported as removals; an address it unsubscribed or bounced stays suppressed, "
+            "as a hash. Erasing again changes nothing more."
+        ),
+        responses={404: {"description": "No lead has this id."}},
+    )
+    async def erase(lead_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)]) -> Erased:
+        now = runtime.clock.now()
+        async with runtime.db.write() as connection:
+            lead = (await select_survivors(connection, [lead_id])).get(lead_id)
+            if lead is None:
+                raise HTTPException(404, f"no lead {lead_id}")
+            family = [lead.id, *await select_merged_ids(connection, lead.id)]
+            counts = await erase_lead(
+                connection, lead.id, family, now, runtime.settings.default_region
+            )
+        await runtime.db.checkpoint()
+        return Erased(id=lead.id, erased_at=now, counts=counts)
+
     return router
 
 
@@ -124,6 +149,7 @@ def _summary(lead: Record, lead_ids: Sequence[Record]) -> LeadSummary:
         traits=lead.traits,
         created_at=lead.created_at,
         updated_at=lead.updated_at,
+        erased_at=lead.erased_at,
     )
 
 

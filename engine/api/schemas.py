@@ -154,6 +154,17 @@ class LeadSummary(BaseModel):
     traits: JsonObject
     created_at: datetime
     updated_at: datetime
+    erased_at: datetime | None = Field(
+        None, description="When the person was erased on request: nothing personal is left."
+    )
+
+
+class Erased(BaseModel):
+    """What an erasure removed, by kind (also recorded, without personal data)."""
+
+    id: int
+    erased_at: datetime
+    counts: dict[str, int]
 
 
 class TimerView(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 SQLITE_PRAGMAS = (
@@ -24,6 +24,9 @@ SQLITE_PRAGMAS = (
     "PRAGMA synchronous=FULL",
     "PRAGMA busy_timeout=30000",
     "PRAGMA foreign_keys=OFF",
+    # Deleted rows are overwritten, not left in free pages: an erased person is gone
+    # from the file, not just from the tables.
+    "PRAGMA secure_delete=ON",
 )
 
 
@@ -54,6 +57,14 @@ def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
         connection.exec_driver_sql(begin)
 
     return engine
+
+
+def _checkpoint(connection: Connection) -> None:
+    # On the driver's connection: a checkpoint runs outside any transaction, and going
+    # through SQLAlchemy would begin one first.
+    cursor = connection.connection.cursor()
+    cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cursor.close()
 
 
 class Database:
@@ -99,6 +110,15 @@ class Database:
         """A read-only transaction with one consistent snapshot."""
         async with self._reader.begin() as connection:
             yield connection
+
+    async def checkpoint(self) -> None:
+        """On SQLite, move the write-ahead log into the database file and empty it, so
+        what was just deleted is gone from the log too; best effort (a reader holding an
+        old snapshot leaves the rest to the next checkpoint). Nothing to do on PostgreSQL."""
+        if not self.is_sqlite:
+            return
+        async with self._writer.connect() as connection:
+            await connection.run_sync(_checkpoint)
 
     async def close(self) -> None:
         await self._writer.dispose()

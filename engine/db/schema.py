@@ -42,6 +42,8 @@ class Lead(Base):
     # Set when this lead was merged into another (identify / alias); rows moved there.
     merged_into: Mapped[int | None] = mapped_column(BigId, index=True)
     merged_at: Mapped[datetime | None]
+    # Set when the person asked to be forgotten: the row stays, without personal data.
+    erased_at: Mapped[datetime | None]
 
 
 class Identity(Base):
@@ -202,6 +204,9 @@ class AudienceMember(Base):
     # The change number exports page by: null from a change until the sequencer numbers it,
     # in commit order, so an export cursor never passes a change still to come.
     seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    # For an erased lead: only the hashed identifiers the ad platforms need to remove
+    # the person ({"meta": [...], "google": [...]}); nothing in clear.
+    erased: Mapped[dict[str, Any] | None]
 
 
 class GoalReached(Base):
@@ -323,6 +328,17 @@ class Suppression(Base):
     created_at: Mapped[datetime]
 
 
+class Erasure(Base):
+    """That a lead was erased, and how much of it: a record holding no personal data."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    lead_id: Mapped[int] = mapped_column(BigId)
+    erased_at: Mapped[datetime]
+    counts: Mapped[dict[str, Any]]
+
+
 class Counter(Base):
     """A number that only grows, handed out under the row's lock (audience change numbers)."""
 
@@ -370,3 +386,4 @@ suppressions = cast(Table, Suppression.__table__)
 offer_codes = cast(Table, OfferCode.__table__)
 secrets = cast(Table, Secret.__table__)
 counters = cast(Table, Counter.__table__)
+erasures = cast(Table, Erasure.__table__)

@@ -332,6 +332,7 @@ async def test_leads_are_found_by_user_id(client: httpx.AsyncClient, runtime: Ru
             "traits": {},
             "created_at": iso(T0),
             "updated_at": iso(T0),
+            "erased_at": None,
         }
     ]
 
