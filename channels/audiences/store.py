@@ -37,11 +37,15 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
     """Number up to `limit` changed memberships after the last number given; returns how
     many. Run in its own short transaction: the counter's row lock, held to commit, keeps
     numbering one at a time, so numbers become visible in the order they were given."""
+    # Rows a worker is changing right now are skipped, not waited for: numbering never
+    # holds the counter while waiting on a worker, so the two cannot deadlock.
     changed = list(
         await connection.execute(
             select(audience_members.c.audience, audience_members.c.lead_id)
             .where(audience_members.c.seq.is_(None))
+            .order_by(audience_members.c.audience, audience_members.c.lead_id)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
     )
     if not changed:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import Links
 from channels.email.outbox import dispatch
@@ -31,6 +34,9 @@ from engine.machine.book import JourneyBook
 from engine.scheduling import start_periodic
 
 log = logging.getLogger("cjm.email")
+
+# One kind of dispatch work, in a write transaction at `now`; returns how much it did.
+Dispatcher = Callable[[AsyncConnection, datetime], Awaitable[int]]
 
 INTERVAL_S = 0.5
 # The embedded default when no SMTP server is configured.
@@ -69,6 +75,14 @@ class EmailChannel:
         # Held by a running job, so that stop() lets it finish before the database closes.
         self._dispatching = asyncio.Lock()
         self._sending = asyncio.Lock()
+        # In this order: codes first, so an email queued in the same step shows its code.
+        self._dispatchers: list[tuple[str, Dispatcher]] = [
+            ("granting offers", lambda c, now: grant_offers(c, book, now)),
+            ("expiring offers", expire_offers),
+            ("queueing emails", dispatch),
+            ("starting and stopping sequences", dispatch_sequences),
+            ("advancing sequences", lambda c, now: advance_sequences(c, book, now)),
+        ]
 
     async def start(self) -> None:
         # Dispatching also walks the sequences: both turn decisions into emails to send.
@@ -92,17 +106,18 @@ class EmailChannel:
 
     async def dispatch_all(self) -> int:
         """Grant and expire offers, queue the emails of pending effects and of due
-        sequence steps; returns how many were handled."""
+        sequence steps; returns how many were handled. Each kind of work commits on its
+        own, so one that fails (and is logged) never holds the others up."""
         handled = 0
         async with self._dispatching:
             while True:
-                async with self.db.write() as connection:
-                    now = self.clock.now()
-                    done = await grant_offers(connection, self.book, now)
-                    done += await expire_offers(connection, now)
-                    done += await dispatch(connection, now)
-                    done += await dispatch_sequences(connection, now)
-                    done += await advance_sequences(connection, self.book, now)
+                done = 0
+                for name, work in self._dispatchers:
+                    try:
+                        async with self.db.write() as connection:
+                            done += await work(connection, self.clock.now())
+                    except Exception:
+                        log.exception("%s failed; retrying at the next run", name)
                 if not done:
                     return handled
                 handled += done

@@ -217,9 +217,12 @@ async def _email(connection: AsyncConnection, email_id: int) -> Any:
 
 
 async def _lead_exists(connection: AsyncConnection, lead_id: int) -> bool:
-    """Events are recorded only for a lead that exists: one for an unknown lead would
-    wait in the inbox forever."""
-    found = await connection.scalar(select(leads.c.id).where(leads.c.id == lead_id))
+    """Events are recorded only for a lead that exists (one for an unknown lead would
+    wait in the inbox forever) and was not erased (its old emails' links must not bring
+    new data about the person back)."""
+    found = await connection.scalar(
+        select(leads.c.id).where(leads.c.id == lead_id, leads.c.erased_at.is_(None))
+    )
     return found is not None
 
 

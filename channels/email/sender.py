@@ -420,11 +420,12 @@ async def hold_emails(connection: AsyncConnection, held: list[Held], now: dateti
 async def lock_leads_for_cap(connection: AsyncConnection, lead_ids: Collection[int]) -> None:
     """On PostgreSQL, senders in several processes count one lead's sends one at a time
     (until they commit), so two of them cannot both let through the email that fills the
-    cap. SQLite has a single writer already. Locks are taken in id order: no deadlock."""
+    cap. SQLite has a single writer already. Locks are taken in key order: no deadlock."""
     if connection.dialect.name != "postgresql":
         return
-    for lead_id in sorted(lead_ids):
-        await connection.execute(select(func.pg_advisory_xact_lock(CAP_LOCKS, lead_id % 2**31)))
+    # The lock key is an int4: leads far apart may share one, which only serialises more.
+    for key in sorted({lead_id % 2**31 for lead_id in lead_ids}):
+        await connection.execute(select(func.pg_advisory_xact_lock(CAP_LOCKS, key)))
 
 
 async def select_capped_sends(

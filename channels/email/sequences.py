@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, select, tuple_, update
@@ -39,6 +39,7 @@ ACTIVE, COMPLETED, STOPPED = "active", "completed", "stopped"
 CANCELLABLE = ("queued", "deferred")
 CANCELLED = "cancelled"
 BATCH = 500
+UNKNOWN_VERSION_RETRY = timedelta(minutes=1)
 
 
 # --- starting and stopping ---------------------------------------------------------------------
@@ -77,6 +78,10 @@ async def dispatch_sequences(connection: AsyncConnection, now: datetime, limit: 
     claimed = await _claim_pending(connection, limit)
     if not claimed:
         return 0
+    # A stop whose start another process is dispatching right now waits for it: applied
+    # now, it would find no run, and the run would start after it and never stop.
+    waiting = await _starts_elsewhere(connection, claimed)
+    claimed = [row for row in claimed if (row.enrollment_id, row.target) not in waiting]
     keys = {(row.enrollment_id, row.target) for row in claimed}
     pending = _Pending(active=await _active_runs(connection, keys))
     for row in claimed:
@@ -189,12 +194,18 @@ async def advance_sequences(
     for run in due:
         journey = book.versions.get((run.journey_id, run.version))
         if journey is None:
-            # A newer process published this version; it carries the run on.
+            # A newer process published this version; it carries the run on. Looked at
+            # again later here, so such runs cannot fill every claim meanwhile.
             log.warning(
                 "sequence run %s: %s version %s is unknown here",
                 run.id,
                 run.journey_id,
                 run.version,
+            )
+            await connection.execute(
+                update(sequence_runs)
+                .where(sequence_runs.c.id == run.id)
+                .values(next_at=now + UNKNOWN_VERSION_RETRY)
             )
             continue
         advanced += 1
@@ -295,6 +306,32 @@ async def _claim_pending(connection: AsyncConnection, limit: int) -> list[Any]:
         .with_for_update(skip_locked=True, of=outbox)
     )
     return list(result)
+
+
+async def _starts_elsewhere(
+    connection: AsyncConnection, claimed: list[Any]
+) -> set[tuple[int, str]]:
+    """The (enrollment, sequence) pairs stopped in `claimed` whose earlier start is still
+    pending outside it: held by another dispatcher, not yet committed."""
+    last_stop: dict[tuple[int, str], int] = {}
+    for row in claimed:
+        if row.action == STOP:
+            last_stop[(row.enrollment_id, row.target)] = row.id
+    if not last_stop:
+        return set()
+    mine = {row.id for row in claimed}
+    result = await connection.execute(
+        select(outbox.c.id, outbox.c.enrollment_id, outbox.c.target).where(
+            outbox.c.status == OUTBOX_PENDING,
+            outbox.c.action == START,
+            outbox.c.enrollment_id.in_({enrollment for enrollment, _ in last_stop}),
+        )
+    )
+    return {
+        (row.enrollment_id, row.target)
+        for row in result
+        if row.id not in mine and row.id < last_stop.get((row.enrollment_id, row.target), 0)
+    }
 
 
 async def _active_runs(

@@ -11,19 +11,21 @@ is reported twice.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.offers.codes import make_code
 from engine.db.queries import OUTBOX_PENDING, mark_outbox_dispatched, upsert
 from engine.db.schema import enrollments, offer_codes, outbox
 from engine.ingest.internal import emit
-from engine.journey.model import Journey
+from engine.journey.model import MAX_CODE_LENGTH, Journey
 from engine.machine.book import JourneyBook
 
 log = logging.getLogger("cjm.offers")
@@ -34,7 +36,9 @@ BATCH = 500
 # A fresh code colliding with an existing one is a one-in-a-billion event; five in a row
 # means the pattern is too short for the number of codes granted.
 CODE_TRIES = 5
-MAX_CODE = 64
+MAX_CODE = MAX_CODE_LENGTH
+# What a code can look like: no spaces, no NUL (PostgreSQL refuses it in text).
+_CODE = re.compile(rf"[^\s\x00]{{1,{MAX_CODE}}}")
 
 
 async def grant_offers(
@@ -50,7 +54,7 @@ async def grant_offers(
             log.error("offer %s of %s is unknown here: not granted", row.target, row.journey_id)
             continue
         if await _held(connection, row.lead_id, row.journey_id, row.target):
-            continue  # granting again gives the same code: the lead keeps the one it has
+            continue  # granting again gives the same code while it can still be used
         expires_at = offer.expires.at or now + (offer.expires.after or timedelta(0))
         code = await _insert_unique(connection, row, offer.code, now, expires_at)
         await emit(
@@ -110,14 +114,15 @@ class Redemption:
 async def redeem(
     connection: AsyncConnection, code: str, *, at: datetime, via: str, now: datetime
 ) -> Redemption:
-    """Redeem `code` at `at` (the time of the purchase), exactly once. A code past its
-    expiry is refused and the refusal counted, whether or not the sweep expired it yet."""
+    """Redeem `code` at `at` (the time of the purchase), exactly once. The purchase time
+    decides: one made after the expiry is refused and the refusal counted, one made
+    before it counts even if it reaches us after the expiry sweep."""
     row = await _lock_code(connection, code)
     if row is None:
         return Redemption("unknown")
     if row.status == REDEEMED:
         return Redemption("already_redeemed", row)
-    if row.status == EXPIRED or row.expires_at <= at:
+    if row.expires_at <= at:
         await connection.execute(
             update(offer_codes)
             .where(offer_codes.c.id == row.id)
@@ -142,14 +147,22 @@ async def redeem(
 
 async def redeem_coupons(connection: AsyncConnection, events: Sequence[Any], now: datetime) -> None:
     """The worker's hook: a tracked event whose `properties.coupon` is a code redeems it,
-    in the transaction that applies the event (so exactly once)."""
+    in the transaction that applies the event (so exactly once). A coupon that cannot be
+    redeemed is logged, never allowed to stop the worker: it is the customer's input."""
     for event in events:
         properties = (event.data or {}).get("properties") or {}
         coupon = properties.get("coupon") if isinstance(properties, dict) else None
-        if not isinstance(coupon, str) or not 0 < len(coupon.strip()) <= MAX_CODE:
-            continue
+        if not isinstance(coupon, str) or not _CODE.fullmatch(coupon.strip()):
+            continue  # no code was ever made of this: not worth a query
         at = min(event.timestamp, now)
-        result = await redeem(connection, coupon.strip(), at=at, via=event.message_id, now=now)
+        try:
+            async with connection.begin_nested():
+                result = await redeem(
+                    connection, coupon.strip(), at=at, via=event.message_id, now=now
+                )
+        except SQLAlchemyError:
+            log.exception("coupon %r in event %s: redeeming failed", coupon, event.message_id)
+            continue
         if result.outcome != "redeemed":
             log.info("coupon %r in event %s: %s", coupon, event.message_id, result.outcome)
 
@@ -232,11 +245,14 @@ async def _claim_pending_grants(connection: AsyncConnection, limit: int) -> list
 
 
 async def _held(connection: AsyncConnection, lead_id: int, journey_id: str, offer: str) -> bool:
+    """Whether the lead holds a code of this offer it can still use. One that expired or
+    was redeemed does not count: a lead back in the journey gets a new one."""
     found = await connection.scalar(
         select(offer_codes.c.id).where(
             offer_codes.c.lead_id == lead_id,
             offer_codes.c.journey_id == journey_id,
             offer_codes.c.offer == offer,
+            offer_codes.c.status == GRANTED,
         )
     )
     return found is not None

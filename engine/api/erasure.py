@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from channels.audiences.normalize import google_row, meta_row
+from channels.audiences.normalize import GOOGLE_HEADER, google_row, meta_row
 from channels.email.sequences import stop_lead_runs
 from engine.db.hashing import HASHED, hashed_address
 from engine.db.queries import upsert
@@ -68,6 +68,13 @@ async def erase_lead(
         ),
     }
     await stop_lead_runs(connection, ids, "erased", now)
+    # An email being handed to SMTP right now loses its lease: its sender cannot record
+    # the outcome, so the address is not written back, nor reported, nor suppressed again.
+    await connection.execute(
+        update(emails)
+        .where(emails.c.lead_id.in_(ids), emails.c.status == "sending")
+        .values(status="cancelled", lease_until=None)
+    )
     await connection.execute(
         update(emails)
         .where(emails.c.lead_id.in_(ids))
@@ -83,7 +90,7 @@ async def erase_lead(
         connection,
         ids,
         now,
-        {"meta": meta_row(traits, region), "google": google_row(traits, region)},
+        _removal_keys(traits, region),
     )
     counts["suppressions_hashed"] = await _hash_suppressions(connection, ids, addresses)
     await connection.execute(
@@ -93,6 +100,17 @@ async def erase_lead(
     )
     await connection.execute(insert(erasures).values(lead_id=lead_id, erased_at=now, counts=counts))
     return counts
+
+
+def _removal_keys(traits: dict[str, Any], region: str | None) -> dict[str, list[str]]:
+    """The hashed identifiers a removal needs, per platform. Google's file carries Country
+    and Zip in clear, so those are left blank: a removal matches on the hashed columns."""
+    google = google_row(traits, region)
+    hashed = {GOOGLE_HEADER.index(name) for name in ("Email", "Phone", "First Name", "Last Name")}
+    return {
+        "meta": meta_row(traits, region),
+        "google": [value if index in hashed else "" for index, value in enumerate(google)],
+    }
 
 
 async def _delete(connection: AsyncConnection, table: Any, ids: list[int], *more: Any) -> int:

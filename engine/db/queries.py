@@ -25,6 +25,7 @@ from engine.db.schema import (
     goals,
     identities,
     leads,
+    offer_codes,
     outbox,
     sequence_runs,
     timers,
@@ -407,11 +408,16 @@ async def add_to_audiences(connection: AsyncConnection, rows: list[dict[str, Any
                 else_=excluded.added_at,
             ),
             "removed_at": excluded.removed_at,
-            # A former member joining again is a change for the audience exports.
+            # Unchanged for the exports only if it was and stays a member; a former
+            # member back, or a member added and removed in one batch, is a change.
             "seq": case(
-                (audience_members.c.removed_at.is_(None), audience_members.c.seq),
+                (
+                    and_(audience_members.c.removed_at.is_(None), excluded.removed_at.is_(None)),
+                    audience_members.c.seq,
+                ),
                 else_=None,
             ),
+            "erased": None,
         },
     )
     await connection.execute(statement, rows)
@@ -460,7 +466,7 @@ async def forward_to_survivor(connection: AsyncConnection, absorbed: int, surviv
 async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
     """Point everything of `absorbed` at `survivor` (enrollment conflicts are settled first)."""
     await forward_to_survivor(connection, absorbed, survivor)
-    for table in (enrollments, timers, outbox, emails, sequence_runs):
+    for table in (enrollments, timers, outbox, emails, sequence_runs, offer_codes):
         await connection.execute(
             update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)
         )

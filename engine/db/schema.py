@@ -292,11 +292,12 @@ class SequenceRun(Base):
 
 
 class OfferCode(Base):
-    """The code of a time-limited offer granted to a lead: one per lead, journey and offer."""
+    """The code of a time-limited offer granted to a lead. A lead holds at most one usable
+    code per journey and offer; once it expired or was used, a new run may grant another."""
 
     __tablename__ = "offers"
     __table_args__ = (
-        Index("uq_offers_lead", "lead_id", "journey_id", "offer", unique=True),
+        Index("ix_offers_lead", "lead_id", "journey_id", "offer"),
         Index("ix_offers_status_expires_at", "status", "expires_at"),
     )
 

@@ -57,6 +57,7 @@ _DURATION = re.compile(r"^(\d{1,12})(s|m|h|d|w)$")
 MAX_DURATION = timedelta(days=10 * 366)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _CODE_SLOT = re.compile(r"\{(\d+)\}")
+MAX_CODE_LENGTH = 64  # what the offers table and the redeem API take
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -475,6 +476,12 @@ def _check_code(pattern: str) -> str:
     if sum(slots) < 6 or any(n > 32 for n in slots):
         raise ValueError(
             f"bad code {pattern!r}: use 6 to 32 random characters in all so codes cannot be guessed"
+        )
+    length = len(_CODE_SLOT.sub("", pattern)) + sum(slots)
+    if length > MAX_CODE_LENGTH:
+        raise ValueError(
+            f"bad code {pattern!r}: its codes would be {length} characters long; "
+            f"keep them to {MAX_CODE_LENGTH}"
         )
     return pattern
 

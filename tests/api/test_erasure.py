@@ -61,6 +61,7 @@ PERSONAL = (
     "Zzyzx-Springs",
     "+14155550199",
     "user-forget-xq7",
+    "94107-1234",
     "anon-forget-xq7",
     "phone-forget-xq7",
 )
@@ -117,6 +118,7 @@ async def test_an_erased_person_leaves_nothing_behind_but_their_removal(
             "first_name": "Quillonbarr",
             "phone": "+14155550199",
             "country": "US",
+            "zip": "94107-1234",
         },
     )
     await care.send("track", userId="user-forget-xq7", event="signed_up")

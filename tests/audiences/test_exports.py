@@ -200,3 +200,29 @@ async def test_an_unsubscribed_lead_is_exported_as_a_removal(
     assert (page["op"], emails(page)) == ("remove", [sha("ann@example.com")])
     sizes = {a["name"]: a["size"] for a in (await client.get("/v1/audiences")).json()}
     assert sizes["visitors"] == 0
+
+
+async def test_a_member_added_again_and_removed_in_one_batch_is_exported_as_a_removal(
+    database_url: str, tmp_path: Path
+) -> None:
+    looping = FUNNEL.replace(
+        "      - {after: 2h, to: retarget}\n",
+        "      - {after: 2h, to: retarget}\n      - {on: again, to: visitor}\n",
+        1,
+    )
+    assert looping != FUNNEL
+    async with running_engine(database_url, write_funnel(tmp_path, looping)) as engine:
+        transport = httpx.ASGITransport(app=create_app(engine.runtime))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://cjm.test", headers=ADMIN
+        ) as client:
+            await visit(engine, "ann")
+            synced = (await meta(client))["next_cursor"]
+
+            # Applied in one batch: the stage entered again (re-adding her), then the exit.
+            await engine.send("track", userId="ann", event="again")
+            await engine.send("track", userId="ann", event="opted_out")
+            await settle(engine)
+
+            page = await meta(client, cursor=synced)
+            assert (page["op"], emails(page)) == ("remove", [sha("ann@example.com")])

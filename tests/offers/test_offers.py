@@ -15,6 +15,8 @@ import pytest
 from channels.offers.codes import ALPHABET
 from engine.api.app import create_app
 from engine.db.schema import events, offer_codes
+from engine.journey import JourneyErrors
+from engine.journey.loader import load_journey_text
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
 
 PROMO = """\
@@ -234,7 +236,9 @@ async def test_two_leads_merged_keep_one_code_each_and_both_still_redeem(
     await promo.send("alias", previousId="phone", userId="buyer")
     await settle(promo)
 
-    assert [row.code for row in await offers_of(promo, desktop)] == [desktop_code.code]
+    held = sorted(row.code for row in await offers_of(promo, desktop))
+    assert held == sorted([phone_code.code, desktop_code.code])
+    assert await offers_of(promo, phone) == []
     lead = (await client.get(f"/v1/leads/{desktop}")).json()
     assert sorted(offer["code"] for offer in lead["offers"]) == sorted(
         [phone_code.code, desktop_code.code]
@@ -257,3 +261,74 @@ async def test_an_offer_can_run_until_a_fixed_date(
         assert [row.status for row in await offers_of(mail, lead_id)] == ["granted"]
         await settle(mail, timedelta(seconds=1))
         assert [row.status for row in await offers_of(mail, lead_id)] == ["expired"]
+
+
+async def test_a_lead_back_in_the_journey_after_its_code_expired_gets_a_new_one(
+    database_url: str, tmp_path: Path, smtp: SmtpServer
+) -> None:
+    again = PROMO.replace("  on: signed_up\n", "  on: signed_up\n  reentry: always\n")
+    async with running_mail(database_url, tmp_path, smtp, [again], {"promo": PROMO_EMAIL}) as mail:
+        lead_id = await sign_up(mail)
+        await settle(mail, HOUR)  # expired: the run ends in `lapsed`
+        await mail.send("track", userId="shopper", event="signed_up")
+        await settle(mail)
+
+        first, second = await offers_of(mail, lead_id)
+        assert (first.status, second.status) == ("expired", "granted")
+        assert first.code != second.code
+        assert CODE.fullmatch(second.code)
+
+
+async def test_a_purchase_made_before_the_deadline_counts_even_if_it_arrives_after(
+    promo: Mail,
+) -> None:
+    lead_id = await sign_up(promo)
+    (offer,) = await offers_of(promo, lead_id)
+    bought_at = promo.clock.now() + HOUR - timedelta(minutes=1)
+    await settle(promo, 2 * HOUR)
+    assert [row.status for row in await offers_of(promo, lead_id)] == ["expired"]
+
+    await promo.send(
+        "track",
+        userId="shopper",
+        event="order_completed",
+        timestamp=bought_at.isoformat(),
+        properties={"coupon": offer.code},
+    )
+    await settle(promo)
+
+    (redeemed,) = await offers_of(promo, lead_id)
+    assert (redeemed.status, redeemed.redeemed_at, redeemed.refused) == ("redeemed", bought_at, 0)
+
+
+async def test_a_coupon_no_code_could_be_is_ignored_and_the_worker_goes_on(promo: Mail) -> None:
+    lead_id = await sign_up(promo)
+    for number, coupon in enumerate(["AB\x00C", "x" * 500, "has space", 42]):
+        await promo.send(
+            "track",
+            userId="shopper",
+            event="order_completed",
+            messageId=f"odd-{number}",
+            properties={"coupon": coupon},
+        )
+    await settle(promo)
+
+    odd = [
+        row
+        for row in await promo.rows(events, lead_id=lead_id)
+        if row.message_id.startswith("odd-")
+    ]
+    assert len(odd) == 4
+    assert all(row.processed_at is not None and row.error is None for row in odd)
+    assert [row.status for row in await offers_of(promo, lead_id)] == ["granted"]
+
+
+def test_an_offer_whose_codes_would_not_fit_is_refused_by_validation() -> None:
+    long = PROMO.replace(
+        'code: "WELCOME-{6}"', 'code: "HOLIDAY-SPECIAL-FREE-INSTALLATION-{16}-{16}"'
+    )
+
+    with pytest.raises(JourneyErrors) as refused:
+        load_journey_text(long, Path("promo.yaml"))
+
+    assert "67 characters long; keep them to 64" in str(refused.value)

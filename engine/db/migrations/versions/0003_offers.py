@@ -39,7 +39,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_offers"),
         sa.UniqueConstraint("code", name="uq_offers_code"),
     )
-    op.create_index("uq_offers_lead", "offers", ["lead_id", "journey_id", "offer"], unique=True)
+    op.create_index("ix_offers_lead", "offers", ["lead_id", "journey_id", "offer"])
     op.create_index("ix_offers_status_expires_at", "offers", ["status", "expires_at"])
 
 
