@@ -87,7 +87,7 @@ async def dispatch_sequences(connection: AsyncConnection, now: datetime, limit: 
     for row in claimed:
         key = (row.enrollment_id, row.target)
         if row.action == START:
-            if row.version is None:  # the enrollment is gone (erased): nothing to run
+            if row.version is None:  # no enrollment row behind it: nothing to run
                 continue
             pending.start(key, _new_run(row, now))
         else:
