@@ -67,9 +67,9 @@ async def erase_lead(
             connection, offer_codes, ids, offer_codes.c.status == "granted"
         ),
     }
-    await stop_lead_runs(connection, ids, "erased", now)
     # An email being handed to SMTP right now loses its lease: its sender cannot record
     # the outcome, so the address is not written back, nor reported, nor suppressed again.
+    # Emails before sequence runs, the order the sender locks them in: no deadlock.
     await connection.execute(
         update(emails)
         .where(emails.c.lead_id.in_(ids), emails.c.status == "sending")
@@ -80,6 +80,7 @@ async def erase_lead(
         .where(emails.c.lead_id.in_(ids))
         .values(to_address=None, last_error=None, updated_at=now)
     )
+    await stop_lead_runs(connection, ids, "erased", now)
     await connection.execute(
         update(outbox)
         .where(outbox.c.lead_id.in_(ids), outbox.c.status == "pending")
