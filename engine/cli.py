@@ -31,6 +31,7 @@ from engine.config import Settings
 from engine.db.migrate import DatabaseNotMigrated
 from engine.journey import Journey, JourneyErrors, JourneySet, load_journeys
 from engine.journey.model import EmailSend
+from engine.metrics import serve_metrics
 from engine.runtime import Runtime, load_checked_journeys
 
 if TYPE_CHECKING:
@@ -149,7 +150,16 @@ def serve(
 
 
 @app.command("worker")
-def worker_command() -> None:
+def worker_command(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve this worker's Prometheus metrics on this port (on CJM_HOST).",
+        ),
+    ] = None,
+) -> None:
     """Run a worker alone: events, timers and merges, sharing a PostgreSQL with others."""
     settings = _settings()
     _configure_logging()
@@ -160,6 +170,13 @@ def worker_command() -> None:
         if runtime.db.is_sqlite:
             typer.echo("note: on SQLite `cjm serve` already runs a worker; one is enough")
         _banner(runtime, None)
+        if metrics_port is not None:
+            try:
+                serve_metrics(metrics_port, settings.host)
+            except OSError as error:
+                await runtime.stop()
+                _fail(f"cannot serve metrics on {settings.host}:{metrics_port}: {error}")
+            typer.echo(f"metrics: http://{settings.host}:{metrics_port}/metrics")
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -50,6 +50,7 @@ from engine.db.schema import emails, enrollments, sequence_runs, suppressions
 from engine.ingest.internal import emit
 from engine.journey.model import Window
 from engine.machine.book import JourneyBook
+from engine.metrics import count_email
 
 log = logging.getLogger("cjm.email")
 
@@ -354,6 +355,7 @@ class Sender:
                     at=now,
                     key=f"{outcome.event}:{email.id}",
                 )
+        count_email(outcome.status)
 
 
 def _address(traits: Mapping[str, Any]) -> str | None:

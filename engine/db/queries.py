@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, delete, insert, select, update
+from sqlalchemy import Select, and_, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -470,3 +470,23 @@ async def move_lead_rows(connection: AsyncConnection, absorbed: int, survivor: i
         await connection.execute(
             update(table).where(table.c.lead_id == absorbed).values(lead_id=survivor)
         )
+
+
+# --- monitoring ----------------------------------------------------------------------------------
+
+
+async def queue_depths(connection: AsyncConnection, now: datetime) -> dict[str, int]:
+    """How much work waits, by queue; each count is served by an index."""
+    counts = {
+        "events_pending": select(func.count()).where(events.c.processed_at.is_(None)),
+        "timers_due": select(func.count()).where(timers.c.due_at <= now),
+        "outbox_pending": select(func.count()).where(outbox.c.status == OUTBOX_PENDING),
+        "emails_due": select(func.count()).where(
+            emails.c.status.in_(("queued", "deferred", "sending")), emails.c.due_at <= now
+        ),
+        "sequence_steps_due": select(func.count()).where(
+            sequence_runs.c.status == "active", sequence_runs.c.next_at <= now
+        ),
+        "audience_changes_unnumbered": select(func.count()).where(audience_members.c.seq.is_(None)),
+    }
+    return {name: int(await connection.scalar(query) or 0) for name, query in counts.items()}

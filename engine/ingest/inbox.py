@@ -24,6 +24,7 @@ from engine.db.queries import upsert
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
 from engine.ingest.messages import Message
+from engine.metrics import count_ingested
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class Inbox:
                 if not waiter.done.done():
                     waiter.done.set_exception(error)
             return
+        count_ingested(message.type for message in messages)
         if self.on_commit is not None:
             try:
                 self.on_commit()

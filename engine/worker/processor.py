@@ -9,7 +9,9 @@ events marked processed. A crash anywhere leaves all of it or none of it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +23,8 @@ from engine.db.database import Database
 from engine.journey.model import Journey
 from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
-from engine.machine.values import Enrollment
+from engine.machine.values import Enrollment, Transitioned
+from engine.metrics import count_worker_batch
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
 from engine.worker.merge import merge_leads
 
@@ -32,6 +35,24 @@ Claim = Callable[[AsyncConnection, datetime], Awaitable[list[int]]]
 # A lead whose processing raised (a bug, not bad luck: the core is deterministic) has
 # its due timers put back by this much, so it cannot spin the worker.
 FAILED_TIMER_BACKOFF = timedelta(minutes=10)
+
+
+@dataclass
+class Tally:
+    """What one batch did, for the metrics once it has committed."""
+
+    transitions: Counter[str] = field(default_factory=Counter)
+    timer_lags: list[float] = field(default_factory=list)
+
+    def add(self, changes: Changes, now: datetime) -> None:
+        for _, item in changes.effects:
+            effect = item.effect
+            if isinstance(effect, Transitioned):
+                self.transitions[item.journey_id] += 1
+                # A timeout's move is dated when it fell due, whether its timer was
+                # stored or fell due within this batch's own events.
+                if effect.cause.kind == "timer":
+                    self.timer_lags.append((now - effect.at).total_seconds())
 
 
 # Work a channel does in the worker's transaction with the events it applies (an
@@ -90,12 +111,15 @@ class Processor:
 
     async def _process(self, claim: Claim) -> int:
         now = self.clock.now()
+        tally = Tally()
         async with self.db.write() as connection:
             lead_ids = await claim(connection, now)
             if not lead_ids:
                 return 0
             lead_ids = await self._merge(connection, lead_ids, now)
-            return await self._run(connection, lead_ids, now)
+            done = await self._run(connection, lead_ids, now, tally)
+        count_worker_batch(tally.transitions, tally.timer_lags)
+        return done
 
     async def _merge(
         self, connection: AsyncConnection, lead_ids: list[int], now: datetime
@@ -133,7 +157,9 @@ class Processor:
                 merged = True
         return [lead for lead in lead_ids if lead not in waiting and lead not in absorbed]
 
-    async def _run(self, connection: AsyncConnection, lead_ids: list[int], now: datetime) -> int:
+    async def _run(
+        self, connection: AsyncConnection, lead_ids: list[int], now: datetime, tally: Tally
+    ) -> int:
         """Advance the claimed leads; how many were taken forward (not left for later)."""
         lead_rows = await queries.load_leads(connection, lead_ids)
         for row in lead_rows:
@@ -187,6 +213,7 @@ class Processor:
         await changes.write(connection)
         for hook in self.event_hooks:
             await hook(connection, applied, now)
+        tally.add(changes, now)
         for lead_id, lead_events, lead_timers in failed:
             await self._quarantine(connection, lead_id, lead_events, lead_timers, now)
         return changes.leads_count + len(failed)
