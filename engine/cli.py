@@ -440,6 +440,36 @@ def _message(settings: Settings, lead: Mapping[str, Any], rendered: RenderedEmai
     return message
 
 
+@app.command("simulate")
+def simulate_command(
+    journey_id: Annotated[str, typer.Argument(metavar="JOURNEY", help="A journey id.")],
+    events: Annotated[
+        Path, typer.Option("--events", help="JSON Lines: one Segment message a line.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the report as JSON.")
+    ] = None,
+) -> None:
+    """Dry-run a journey on a virtual clock: no database, no emails, no network."""
+    from engine.simulate import BadEvents, read_events, simulate
+
+    journeys = _journeys(_settings())
+    if journey_id not in journeys:
+        _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
+    try:
+        messages = read_events(events)
+    except BadEvents as error:
+        _fail("\n".join(error.problems))
+    report = simulate(journeys[journey_id], messages)
+    typer.echo(report.as_text(), nl=False)
+    if output is not None:
+        try:
+            output.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            _fail(f"cannot write {output}: {error}")
+        typer.echo(f"report written to {output}")
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the schema this version of cjm needs."""

@@ -237,13 +237,14 @@ def _leave_audiences(journey: Journey, keep: Stage | None = None) -> list[Effect
     """A lead whose run ends leaves the journey's audiences: ads follow the journey. The
     audiences the final stage itself adds the lead to are kept (a terminal `lost` stage
     may put the lead in a win-back audience on purpose)."""
-    kept = {
+    # Audiences the final stage adds are kept; those it removes are gone already.
+    settled = {
         name
         for action in (keep.on_enter if keep is not None else ())
-        if isinstance(action, AudienceAdd)
+        if isinstance(action, AudienceAdd | AudienceRemove)
         for name in action.audiences
     }
-    return [RemoveFromAudience(name) for name in journey.audiences if name not in kept]
+    return [RemoveFromAudience(name) for name in journey.audiences if name not in settled]
 
 
 def _stop_on(
