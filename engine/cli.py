@@ -444,27 +444,72 @@ def _message(settings: Settings, lead: Mapping[str, Any], rendered: RenderedEmai
 def simulate_command(
     journey_id: Annotated[str, typer.Argument(metavar="JOURNEY", help="A journey id.")],
     events: Annotated[
-        Path, typer.Option("--events", help="JSON Lines: one Segment message a line.")
-    ],
+        Path | None, typer.Option("--events", help="JSON Lines: one Segment message a line.")
+    ] = None,
+    leads: Annotated[
+        int | None,
+        typer.Option(
+            "--leads",
+            min=1,
+            max=1_000_000,
+            help="Add this many synthetic leads that behave as --profile says.",
+        ),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile",
+            help="YAML list of behaviours (weight, steps) for --leads; a built-in one if omitted.",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the traffic.")] = 1,
+    start: Annotated[
+        str,
+        typer.Option("--start", help="ISO moment the synthetic leads start arriving (UTC)."),
+    ] = "2026-01-05T09:00:00Z",
+    spread: Annotated[
+        str, typer.Option("--spread", help="Synthetic leads arrive uniformly over this, like 7d.")
+    ] = "7d",
+    paths: Annotated[
+        bool, typer.Option("--paths", help="Print every lead's path even for more than 20 leads.")
+    ] = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the report as JSON.")
     ] = None,
 ) -> None:
-    """Dry-run a journey on a virtual clock: no database, no emails, no network."""
-    from engine.simulate import BadEvents, read_events, simulate
+    """Dry-run a journey on a virtual clock: no database, no emails, no network.
 
+    With --leads above 20 (and no --paths) the leads' paths are not printed and the JSON
+    report holds the totals and KPIs only."""
+    from engine.ingest.messages import Message
+    from engine.simulate import BadEvents, read_events, simulate
+    from engine.traffic import BadTraffic, traffic
+
+    if events is None and leads is None:
+        _fail("give --events FILE, --leads N, or both")
+    if leads is None and profile is not None:
+        _fail("--profile is for synthetic traffic: give --leads N too")
     journeys = _journeys(_settings())
     if journey_id not in journeys:
         _fail(f"no journey {journey_id!r}; there are: {', '.join(journeys.ids) or 'none'}")
-    try:
-        messages = read_events(events)
-    except BadEvents as error:
-        _fail("\n".join(error.problems))
+    messages: list[Message] = []
+    if events is not None:
+        try:
+            messages = read_events(events)
+        except BadEvents as error:
+            _fail("\n".join(error.problems))
+    if leads is not None:
+        try:
+            messages.extend(traffic(leads, profile, seed=seed, start=start, spread=spread))
+        except BadTraffic as error:
+            _fail("\n".join(error.problems))
     report = simulate(journeys[journey_id], messages)
-    typer.echo(report.as_text(), nl=False)
+    detailed = paths or leads is None or leads <= 20
+    typer.echo(report.as_text(paths=detailed), nl=False)
     if output is not None:
         try:
-            output.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+            text = json.dumps(report.as_dict(leads=detailed), indent=2) + "\n"
+            output.write_text(text, encoding="utf-8")
         except OSError as error:
             _fail(f"cannot write {output}: {error}")
         typer.echo(f"report written to {output}")

@@ -97,6 +97,12 @@ def _message(line: str) -> Message:
         payload = json.loads(line)
     except ValueError as error:
         raise InvalidMessage(f"not valid JSON: {error}") from None
+    return message_of(payload)
+
+
+def message_of(payload: object) -> Message:
+    """One message from what a JSON Lines line holds, checked as a recorded one is; the
+    synthetic traffic of `engine.traffic` goes through here too."""
     if not isinstance(payload, dict):
         raise InvalidMessage("a message must be a JSON object")
     type_ = payload.get("type")
@@ -199,8 +205,9 @@ class Report:
     ended_at: datetime | None
     wall_seconds: float
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
+    def as_dict(self, *, leads: bool = True) -> dict[str, Any]:
+        """The report as JSON; without `leads`, only the totals and KPIs (for large runs)."""
+        report = {
             "journey": self.journey_id,
             "version": self.version,
             "virtual_time": {
@@ -210,9 +217,13 @@ class Report:
             },
             "wall_seconds": round(self.wall_seconds, 6),
             "simplifications": list(SIMPLIFICATIONS),
+            "lead_count": len(self.leads),
             "leads": [_lead_dict(lead) for lead in self.leads],
             "kpis": _kpis_dict(self.kpis),
         }
+        if not leads:
+            del report["leads"]
+        return report
 
     @property
     def virtual_seconds(self) -> float:
@@ -220,8 +231,9 @@ class Report:
             return 0.0
         return (self.ended_at - self.started_at).total_seconds()
 
-    def as_text(self) -> str:
-        return "\n".join(_text_lines(self)) + "\n"
+    def as_text(self, *, paths: bool = True) -> str:
+        """The report for a reader; without `paths`, the leads' paths are left out."""
+        return "\n".join(_text_lines(self, paths)) + "\n"
 
 
 # --- the simulation ------------------------------------------------------------------------------
@@ -621,7 +633,7 @@ def _cause_text(cause: Mapping[str, Any]) -> str:
     return f"{cause['type']}: {detail}" if detail else str(cause["type"])
 
 
-def _text_lines(report: Report) -> Iterator[str]:
+def _text_lines(report: Report, paths: bool) -> Iterator[str]:
     span = timedelta(seconds=report.virtual_seconds)
     start = _when(report.started_at) if report.started_at else "-"
     end = _when(report.ended_at) if report.ended_at else "-"
@@ -629,8 +641,11 @@ def _text_lines(report: Report) -> Iterator[str]:
     yield f"virtual time: {start} .. {end} UTC ({span}), wall time {report.wall_seconds:.3f}s"
     for note in SIMPLIFICATIONS:
         yield f"note: {note}"
-    for lead in report.leads:
-        yield from _lead_lines(lead)
+    if paths:
+        for lead in report.leads:
+            yield from _lead_lines(lead)
+    else:
+        yield f"paths of the {len(report.leads)} leads not shown (--paths shows them)"
     yield from _kpi_lines(report.kpis)
 
 
