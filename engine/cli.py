@@ -498,13 +498,17 @@ def simulate_command(
             messages = read_events(events)
         except BadEvents as error:
             _fail("\n".join(error.problems))
+    synthetic = None  # made lead by lead while simulating
     if leads is not None:
         try:
-            messages.extend(traffic(leads, profile, seed=seed, start=start, spread=spread))
+            synthetic = traffic(leads, profile, seed=seed, start=start, spread=spread)
         except BadTraffic as error:
             _fail("\n".join(error.problems))
-    report = simulate(journeys[journey_id], messages)
     detailed = paths or leads is None or leads <= 20
+    # Without the details, each lead is counted into the KPIs and dropped at once.
+    report = simulate(
+        journeys[journey_id], messages, synthetic=synthetic or (), keep_leads=detailed
+    )
     typer.echo(report.as_text(paths=detailed), nl=False)
     if output is not None:
         try:

@@ -23,7 +23,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -199,7 +199,8 @@ class Kpis:
 class Report:
     journey_id: str
     version: int
-    leads: tuple[LeadReport, ...]
+    lead_count: int
+    leads: tuple[LeadReport, ...]  # empty when the leads were not kept (see `simulate`)
     kpis: Kpis
     started_at: datetime | None
     ended_at: datetime | None
@@ -217,7 +218,7 @@ class Report:
             },
             "wall_seconds": round(self.wall_seconds, 6),
             "simplifications": list(SIMPLIFICATIONS),
-            "lead_count": len(self.leads),
+            "lead_count": self.lead_count,
             "leads": [_lead_dict(lead) for lead in self.leads],
             "kpis": _kpis_dict(self.kpis),
         }
@@ -240,31 +241,62 @@ class Report:
 
 
 def simulate(
-    journey: Journey, messages: Sequence[Message], *, horizon: timedelta = DEFAULT_HORIZON
+    journey: Journey,
+    messages: Sequence[Message] = (),
+    *,
+    synthetic: Iterable[Sequence[Message]] = (),
+    keep_leads: bool = True,
+    horizon: timedelta = DEFAULT_HORIZON,
 ) -> Report:
     """Run `messages` through `journey` on a virtual clock; the clock stops when nothing is
-    left to happen, or `horizon` after the last message."""
+    left to happen, or `horizon` after the last message.
+
+    `synthetic` adds leads after the recorded ones, one lead's messages at a time (see
+    `engine.traffic`): each is generated, simulated and counted in turn. Leads never affect
+    each other, so without `keep_leads` a lead's result is folded into the KPIs and dropped
+    as soon as it is simulated: memory stays flat however many leads there are, and the
+    report's `leads` is empty.
+    """
     started = time.perf_counter()
     book = JourneyBook.of([journey])
     codes: Counter[str] = Counter()  # codes granted per offer, for unique SIM codes
-    leads: list[LeadReport] = []
-    reached: list[datetime] = []
-    for lead_key, lead_messages in _by_lead(messages).items():
-        until = max(message.timestamp for message in lead_messages) + horizon
+    tally = KpiTally(journey)
+    kept: list[LeadReport] = []
+    count = 0
+    first: datetime | None = None
+    reached: datetime | None = None
+    for lead_key, lead_messages in _leads(messages, synthetic):
+        earliest = min(message.timestamp for message in lead_messages)
+        latest = max(message.timestamp for message in lead_messages)
         run = _LeadRun(book, journey, lead_key, codes)
-        run.play(lead_messages, until)
-        leads.append(run.report())
-        reached.append(run.reached)
-    first = min((message.timestamp for message in messages), default=None)
+        run.play(lead_messages, latest + horizon)
+        result = run.report()
+        tally.add(result)
+        if keep_leads:
+            kept.append(result)
+        count += 1
+        first = earliest if first is None else min(first, earliest)
+        reached = run.reached if reached is None else max(reached, run.reached)
     return Report(
         journey_id=journey.id,
         version=journey.version,
-        leads=tuple(leads),
-        kpis=_kpis(journey, leads),
+        lead_count=count,
+        leads=tuple(kept),
+        kpis=tally.kpis(),
         started_at=first,
-        ended_at=max(reached, default=None),
+        ended_at=reached,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+def _leads(
+    messages: Sequence[Message], synthetic: Iterable[Sequence[Message]]
+) -> Iterator[tuple[str, list[Message]]]:
+    """(lead key, its messages): the recorded leads in order of their first message, then
+    the synthetic ones as they come, each grouped on its own."""
+    yield from _by_lead(messages).items()
+    for lead_messages in synthetic:
+        yield from _by_lead(lead_messages).items()
 
 
 def _by_lead(messages: Sequence[Message]) -> dict[str, list[Message]]:
@@ -514,34 +546,50 @@ def _lead_event(seq: int, message: Message) -> LeadEvent:
 # --- KPIs ----------------------------------------------------------------------------------------
 
 
-def _kpis(journey: Journey, leads: Sequence[LeadReport]) -> Kpis:
-    runs = [run for lead in leads for run in lead.runs]
-    goals = [goal for lead in leads for goal in lead.goals]
-    customers = len({(lead.lead, goal.entry_no) for lead in leads for goal in lead.goals})
-    value = sum(goal.value or 0.0 for goal in goals)
-    entered: Counter[str] = Counter()
-    exited_to: dict[str, Counter[str]] = {stage.id: Counter() for stage in journey.stages}
-    for lead in leads:
+class KpiTally:
+    """The KPIs of the leads added so far; a lead is added as soon as it is simulated, so
+    its details need not be kept to count it."""
+
+    def __init__(self, journey: Journey) -> None:
+        self.stages = tuple(stage.id for stage in journey.stages)
+        self.runs = 0  # L: entries into the journey
+        self.customers = 0  # runs with at least one goal
+        self.goals = 0
+        self.value: float = 0  # the goal values' sum, as `sum` gives it (0 without goals)
+        self.entered: Counter[str] = Counter()
+        self.exited_to: dict[str, Counter[str]] = {stage: Counter() for stage in self.stages}
+        self.current: Counter[str] = Counter()  # runs still in a stage at the end
+
+    def add(self, lead: LeadReport) -> None:
+        self.runs += len(lead.runs)
+        self.customers += len({goal.entry_no for goal in lead.goals})
+        self.goals += len(lead.goals)
+        for goal in lead.goals:
+            self.value += goal.value or 0.0
         for step in lead.path:
             if step.to_stage is not None and step.to_stage != step.from_stage:
-                entered[step.to_stage] += 1
+                self.entered[step.to_stage] += 1
             if step.from_stage is not None and step.to_stage != step.from_stage:
-                exited_to[step.from_stage][step.to_stage or "exit"] += 1
-    current = Counter(run.stage for run in runs if run.state != "exited")
-    stages = tuple(
-        StageFigures(stage.id, entered[stage.id], dict(exited_to[stage.id]), current[stage.id])
-        for stage in journey.stages
-    )
-    return Kpis(
-        leads=len(runs),
-        customers=customers,
-        goals=len(goals),
-        conversion=customers / len(runs) if runs else 0.0,
-        average_value=value / len(goals) if goals else 0.0,
-        purchases_per_customer=len(goals) / customers if customers else 0.0,
-        revenue=value,
-        stages=stages,
-    )
+                self.exited_to[step.from_stage][step.to_stage or "exit"] += 1
+        self.current.update(run.stage for run in lead.runs if run.state != "exited")
+
+    def kpis(self) -> Kpis:
+        stages = tuple(
+            StageFigures(
+                stage, self.entered[stage], dict(self.exited_to[stage]), self.current[stage]
+            )
+            for stage in self.stages
+        )
+        return Kpis(
+            leads=self.runs,
+            customers=self.customers,
+            goals=self.goals,
+            conversion=self.customers / self.runs if self.runs else 0.0,
+            average_value=self.value / self.goals if self.goals else 0.0,
+            purchases_per_customer=self.goals / self.customers if self.customers else 0.0,
+            revenue=self.value,
+            stages=stages,
+        )
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -637,7 +685,7 @@ def _text_lines(report: Report, paths: bool) -> Iterator[str]:
     span = timedelta(seconds=report.virtual_seconds)
     start = _when(report.started_at) if report.started_at else "-"
     end = _when(report.ended_at) if report.ended_at else "-"
-    yield f"simulation of {report.journey_id} v{report.version}: {len(report.leads)} leads"
+    yield f"simulation of {report.journey_id} v{report.version}: {report.lead_count} leads"
     yield f"virtual time: {start} .. {end} UTC ({span}), wall time {report.wall_seconds:.3f}s"
     for note in SIMPLIFICATIONS:
         yield f"note: {note}"
@@ -645,7 +693,7 @@ def _text_lines(report: Report, paths: bool) -> Iterator[str]:
         for lead in report.leads:
             yield from _lead_lines(lead)
     else:
-        yield f"paths of the {len(report.leads)} leads not shown (--paths shows them)"
+        yield f"paths of the {report.lead_count} leads not shown (--paths shows them)"
     yield from _kpi_lines(report.kpis)
 
 

@@ -211,7 +211,21 @@ def generate(
     start: datetime = DEFAULT_START,
     spread: timedelta = DEFAULT_SPREAD,
 ) -> Iterator[dict[str, Any]]:
-    """The messages of `leads` synthetic leads, as JSON Lines dicts, lead after lead.
+    """The messages of `leads` synthetic leads, as JSON Lines dicts, lead after lead."""
+    lead_messages = generate_leads(profile, leads, seed=seed, start=start, spread=spread)
+    return itertools.chain.from_iterable(lead_messages)
+
+
+def generate_leads(
+    profile: Profile,
+    leads: int,
+    *,
+    seed: int = DEFAULT_SEED,
+    start: datetime = DEFAULT_START,
+    spread: timedelta = DEFAULT_SPREAD,
+) -> Iterator[list[dict[str, Any]]]:
+    """The messages of each synthetic lead in turn, as JSON Lines dicts; a lead whose
+    first step's `chance` fails sends nothing and is left out.
 
     Lead n arrives at a moment drawn uniformly over `[start, start + spread)`, follows a
     behaviour drawn by weight, and stops at the first step whose `chance` fails.
@@ -228,12 +242,15 @@ def generate(
         index = bisect.bisect_right(cumulative, rng.random() * total)
         behaviour = behaviours[min(index, len(behaviours) - 1)]
         user_id: str | None = None
+        messages: list[dict[str, Any]] = []
         for number, step in enumerate(behaviour.steps, start=1):
             at += step.after
             if step.chance < 1 and rng.random() >= step.chance:
                 break
             message, user_id = _step_message(step, n, number, at, user_id)
-            yield message
+            messages.append(message)
+        if messages:
+            yield messages
 
 
 def _step_message(
@@ -274,25 +291,25 @@ def _fill(value: Any, n: int) -> Any:
     return value
 
 
-def synthetic_messages(
+def synthetic_leads(
     profile: Profile,
     leads: int,
     *,
     seed: int = DEFAULT_SEED,
     start: datetime = DEFAULT_START,
     spread: timedelta = DEFAULT_SPREAD,
-) -> list[Message]:
-    """The generated traffic as messages, checked like lines of an events file."""
-    return [
-        message_of(payload)
-        for payload in generate(profile, leads, seed=seed, start=start, spread=spread)
-    ]
+) -> Iterator[list[Message]]:
+    """The generated traffic, one lead's messages at a time, checked like lines of an
+    events file; made as it is read, so a million leads are never all in memory."""
+    for payloads in generate_leads(profile, leads, seed=seed, start=start, spread=spread):
+        yield [message_of(payload) for payload in payloads]
 
 
 def traffic(
     leads: int, profile: Path | None, *, seed: int, start: str, spread: str
-) -> list[Message]:
-    """`cjm simulate --leads` from its options as given; raises `BadTraffic`."""
+) -> Iterator[list[Message]]:
+    """`cjm simulate --leads` from its options as given, for `simulate(synthetic=...)`: the
+    options are checked at once (raises `BadTraffic`), the leads made as they are read."""
     if not 1 <= leads <= MAX_LEADS:
         raise BadTraffic([f"bad --leads {leads}: give 1..{MAX_LEADS}"])
     behaviours = DEFAULT_PROFILE if profile is None else read_profile(profile)
@@ -306,4 +323,4 @@ def traffic(
         over = _delay(spread)
     except ValueError as error:
         raise BadTraffic([f"bad --spread: {error}"]) from None
-    return synthetic_messages(behaviours, leads, seed=seed, start=first, spread=over)
+    return synthetic_leads(behaviours, leads, seed=seed, start=first, spread=over)

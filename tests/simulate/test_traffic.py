@@ -5,14 +5,19 @@ as recorded events."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.traffic import DEFAULT_PROFILE, Profile, generate
+from engine.ingest.messages import Message
+from engine.journey import Journey, load_journeys
+from engine.simulate import simulate as run_simulation
+from engine.traffic import DEFAULT_PROFILE, Profile, generate, generate_leads, synthetic_leads
 
 from .test_simulate import DOORS, page, write_events
 
@@ -38,6 +43,11 @@ def journeys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (directory / "doors.yaml").write_text(DOORS)
     monkeypatch.setenv("CJM_JOURNEYS_DIR", str(directory))
     return directory
+
+
+@pytest.fixture
+def doors(journeys_dir: Path) -> Journey:
+    return load_journeys([journeys_dir])["doors"]
 
 
 def write_profile(tmp_path: Path, text: str) -> Path:
@@ -124,6 +134,53 @@ def test_recorded_events_and_synthetic_leads_run_together(
     report = json.loads(output.read_text())
     assert report["kpis"]["totals"]["leads"] == 4
     assert {lead["lead"] for lead in report["leads"]} >= {"user:u1", "anon:sim-1"}
+
+
+def report_of(tmp_path: Path, *args: str) -> dict[str, Any]:
+    output = tmp_path / "report.json"
+    code, text = simulate(*args, "-o", str(output))
+    assert code == 0, text
+    report: dict[str, Any] = json.loads(output.read_text())
+    return report
+
+
+def test_streamed_kpis_equal_those_of_the_kept_leads_for_the_same_seed(
+    journeys_dir: Path, tmp_path: Path
+) -> None:
+    events = write_events(tmp_path, [page("u1", "/catalog"), page("u1", "/landing")])
+    args = ("--events", str(events), "--leads", "300", "--seed", "7")
+
+    kept = report_of(tmp_path, *args, "--paths")
+    streamed = report_of(tmp_path, *args)
+
+    assert len(kept["leads"]) == kept["lead_count"] == 301  # the recorded lead first
+    assert kept["leads"][0]["lead"] == "user:u1"
+    assert "leads" not in streamed
+    assert streamed["kpis"] == kept["kpis"]
+    assert streamed["kpis"]["totals"]["customers"] > 0
+    same = ("lead_count", "virtual_time")
+    assert {key: streamed[key] for key in same} == {key: kept[key] for key in same}
+
+
+def test_synthetic_leads_are_simulated_as_they_are_made(doors: Journey) -> None:
+    made = 0
+
+    def leads() -> Iterator[list[Message]]:
+        nonlocal made
+        for lead in synthetic_leads(DEFAULT_PROFILE, 50, seed=3):
+            made += 1
+            yield lead
+
+    streamed = run_simulation(doors, synthetic=leads(), keep_leads=False)
+    kept = run_simulation(doors, synthetic=synthetic_leads(DEFAULT_PROFILE, 50, seed=3))
+
+    assert made == streamed.lead_count == kept.lead_count == len(kept.leads) == 50
+    assert streamed.leads == ()
+    assert streamed.kpis == kept.kpis
+    assert (streamed.started_at, streamed.ended_at) == (kept.started_at, kept.ended_at)
+    assert len(list(generate(DEFAULT_PROFILE, 50, seed=3))) == sum(
+        len(lead) for lead in generate_leads(DEFAULT_PROFILE, 50, seed=3)
+    )
 
 
 def test_neither_events_nor_leads_is_an_error(journeys_dir: Path) -> None:
