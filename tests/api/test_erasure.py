@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from engine.api.app import create_app
 from engine.db.schema import Base, emails, erasures, offer_codes, suppressions
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, running_mail
 from tests.email.conftest import smtp as smtp
+from tests.worker.conftest import app_client
 
 JOURNEY = """\
 id: care
@@ -79,12 +79,7 @@ async def care(database_url: str, tmp_path: Path, smtp: SmtpServer) -> AsyncIter
 
 @pytest.fixture
 async def client(care: Mail) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(care.runtime))
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://cjm.test",
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    ) as client:
+    async with app_client(care.runtime, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client
 
 

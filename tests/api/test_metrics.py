@@ -12,20 +12,19 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.api.app import create_app
+from engine.runtime import Runtime
 from tests.email.conftest import Mail
 from tests.email.conftest import mail as mail
 from tests.email.conftest import smtp as smtp
-from tests.worker.conftest import Engine
+from tests.worker.conftest import Engine, app_client
 from tests.worker.conftest import engine as engine
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 CATALOG = {"path": "/catalog/doors"}
 
 
-async def scrape(runtime: object) -> Samples:
-    transport = httpx.ASGITransport(app=create_app(runtime))  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://cjm.test") as client:
+async def scrape(runtime: Runtime) -> Samples:
+    async with app_client(runtime) as client:
         answer = await client.get("/metrics")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
@@ -42,10 +41,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(engine.runtime))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://cjm.test", auth=("wk_test", "")
-    ) as client:
+    async with app_client(engine.runtime, auth=("wk_test", "")) as client:
         yield client
 
 

@@ -15,10 +15,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from engine.api.app import create_app
 from engine.db.schema import audience_members
 from tests.email.test_routes import mailed_lead
-from tests.worker.conftest import FUNNEL, Engine, running_engine, write_funnel
+from tests.worker.conftest import FUNNEL, Engine, app_client, running_engine, write_funnel
 
 ADMIN = {"Authorization": "Bearer ak_test"}
 CATALOG = {"path": "/catalog/doors"}
@@ -38,10 +37,7 @@ async def engine(database_url: str, tmp_path: Path) -> AsyncIterator[Engine]:
 
 @pytest.fixture
 async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(engine.runtime))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://cjm.test", headers=ADMIN
-    ) as client:
+    async with app_client(engine.runtime, headers=ADMIN) as client:
         yield client
 
 
@@ -211,18 +207,17 @@ async def test_a_member_added_again_and_removed_in_one_batch_is_exported_as_a_re
         1,
     )
     assert looping != FUNNEL
-    async with running_engine(database_url, write_funnel(tmp_path, looping)) as engine:
-        transport = httpx.ASGITransport(app=create_app(engine.runtime))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://cjm.test", headers=ADMIN
-        ) as client:
-            await visit(engine, "ann")
-            synced = (await meta(client))["next_cursor"]
+    async with (
+        running_engine(database_url, write_funnel(tmp_path, looping)) as engine,
+        app_client(engine.runtime, headers=ADMIN) as client,
+    ):
+        await visit(engine, "ann")
+        synced = (await meta(client))["next_cursor"]
 
-            # Applied in one batch: the stage entered again (re-adding her), then the exit.
-            await engine.send("track", userId="ann", event="again")
-            await engine.send("track", userId="ann", event="opted_out")
-            await settle(engine)
+        # Applied in one batch: the stage entered again (re-adding her), then the exit.
+        await engine.send("track", userId="ann", event="again")
+        await engine.send("track", userId="ann", event="opted_out")
+        await settle(engine)
 
-            page = await meta(client, cursor=synced)
-            assert (page["op"], emails(page)) == ("remove", [sha("ann@example.com")])
+        page = await meta(client, cursor=synced)
+        assert (page["op"], emails(page)) == ("remove", [sha("ann@example.com")])

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from engine.api.app import create_app
 from engine.db.schema import emails, sequence_runs
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
+from tests.worker.conftest import app_client
 
 TIPS = """\
 id: tips
@@ -133,8 +132,7 @@ async def email_states(mail: Mail, lead_id: int) -> list[tuple[str, str]]:
 
 
 async def lead_view(mail: Mail, lead_id: int) -> dict[str, Any]:
-    transport = httpx.ASGITransport(app=create_app(mail.runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://cjm.test") as client:
+    async with app_client(mail.runtime) as client:
         answer = await client.get(
             f"/v1/leads/{lead_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         )
@@ -217,8 +215,7 @@ async def test_an_unsubscribe_stops_the_sequence_and_cancels_its_queued_email(
 
     (tip_one, _) = await nurture.emails(lead_id)
     url = urlsplit(nurture.runtime.links.unsubscribe(tip_one.id, lead_id))
-    transport = httpx.ASGITransport(app=create_app(nurture.runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://cjm.test") as client:
+    async with app_client(nurture.runtime) as client:
         answer = await client.post(url.path, data={"List-Unsubscribe": "One-Click"})
     assert answer.status_code == 200
     nurture.smtp.start()

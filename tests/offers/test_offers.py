@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from channels.offers.codes import ALPHABET
-from engine.api.app import create_app
 from engine.db.schema import events, offer_codes
 from engine.journey import JourneyErrors
 from engine.journey.loader import load_journey_text
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
+from tests.worker.conftest import app_client
 
 PROMO = """\
 id: promo
@@ -65,11 +65,8 @@ async def promo(database_url: str, tmp_path: Path, smtp: SmtpServer) -> AsyncIte
 
 @pytest.fixture
 async def client(promo: Mail) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(promo.runtime))
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://cjm.test",
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    async with app_client(
+        promo.runtime, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     ) as client:
         yield client
 

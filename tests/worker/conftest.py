@@ -10,9 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
+from engine.api.app import create_app
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.db.schema import (
@@ -191,6 +193,17 @@ async def running_engine(database_url: str, journeys: JourneySet) -> AsyncIterat
         yield Engine(runtime, clock)
     finally:
         await runtime.stop()
+
+
+@asynccontextmanager
+async def app_client(runtime: Runtime, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Real HTTP against the ASGI app serving `runtime`; `options` go to the client
+    (headers, auth)."""
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://cjm.test", **options
+    ) as client:
+        yield client
 
 
 @pytest.fixture
