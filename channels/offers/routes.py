@@ -10,14 +10,15 @@ from fastapi import Path as FastApiPath
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from channels.offers.store import MAX_CODE, offer_figures, redeem
+from channels.offers.store import offer_figures, redeem
 from engine.api.schemas import OfferFiguresView, OfferView
 from engine.db.schema import offer_codes
+from engine.journey.model import MAX_CODE_LENGTH
 
 if TYPE_CHECKING:
     from engine.api.app import AppRuntime
 
-Code = Annotated[str, FastApiPath(min_length=1, max_length=MAX_CODE, pattern=r"^[^\x00]+$")]
+Code = Annotated[str, FastApiPath(min_length=1, max_length=MAX_CODE_LENGTH, pattern=r"^[^\x00]+$")]
 
 
 def offers_router(runtime: AppRuntime) -> APIRouter:

@@ -36,9 +36,8 @@ BATCH = 500
 # A fresh code colliding with an existing one is a one-in-a-billion event; five in a row
 # means the pattern is too short for the number of codes granted.
 CODE_TRIES = 5
-MAX_CODE = MAX_CODE_LENGTH
 # What a code can look like: no spaces, no NUL (PostgreSQL refuses it in text).
-_CODE = re.compile(rf"[^\s\x00]{{1,{MAX_CODE}}}")
+_CODE = re.compile(rf"[^\s\x00]{{1,{MAX_CODE_LENGTH}}}")
 
 
 async def grant_offers(
