@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PG_URL := postgresql+asyncpg://postgres@127.0.0.1:5432/test
 PG_UP := $(shell $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 5432), 1)" 2>/dev/null && echo yes)
 
+# The dashboard's browser test drives Debian's Chromium through Playwright, which never
+# downloads a browser of its own.
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
@@ -25,12 +29,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check engine channels tests bench
 	$(BIN)/mypy engine channels bench
 
-test: $(STAMP) lint
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	else \
+		echo "the dashboard tests need Chromium at $(CHROMIUM): run as root, or" \
+			"sudo apt-get install -y chromium chromium-driver" >&2; \
+		exit 1; \
+	fi
+
+test: $(STAMP) lint $(CHROMIUM)
 	$(if $(PG_UP),CJM_TEST_POSTGRES_URL=$${CJM_TEST_POSTGRES_URL:-$(PG_URL)}) $(BIN)/pytest -q
 
 # Benchmarks print their figures beside a baseline measured in the same run.
 bench: $(STAMP)
 	$(BIN)/python bench/audience_export.py
+	$(BIN)/python bench/kpis.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var test-artifacts

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal, NoReturn, TypeVar
@@ -29,7 +29,7 @@ from channels.email import EmailTemplates, OfferView, RenderedEmail
 from channels.email.templates import SAMPLE_LEAD, SAMPLE_UNSUBSCRIBE_URL
 from engine.config import Settings
 from engine.db.migrate import DatabaseNotMigrated
-from engine.journey import Journey, JourneyErrors, JourneySet, load_journeys
+from engine.journey import Journey, JourneyErrors, JourneySet, load_journey_file, load_journeys
 from engine.journey.model import EmailSend
 from engine.metrics import serve_metrics
 from engine.runtime import Runtime, load_checked_journeys
@@ -517,6 +517,119 @@ def simulate_command(
         except OSError as error:
             _fail(f"cannot write {output}: {error}")
         typer.echo(f"report written to {output}")
+
+
+MAP_SUFFIXES = (".svg", ".html")
+
+
+def _day(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a day: write YYYY-MM-DD") from None
+
+
+@app.command("map")
+def map_command(
+    journey_ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="JOURNEY", help="A journey id (of CJM_JOURNEYS_DIR) or a journey file."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The file to write: map.svg or map.html.")
+    ],
+    kpis: Annotated[
+        bool,
+        typer.Option(
+            "--kpis", help="Draw the figures and KPI colours from the database (CJM_DATABASE_URL)."
+        ),
+    ] = False,
+    start: Annotated[
+        date | None,
+        typer.Option(
+            "--from", parser=_day, metavar="YYYY-MM-DD", help="With --kpis: the first UTC day."
+        ),
+    ] = None,
+    end: Annotated[
+        date | None,
+        typer.Option(
+            "--to", parser=_day, metavar="YYYY-MM-DD", help="With --kpis: the last UTC day."
+        ),
+    ] = None,
+) -> None:
+    """Draw a journey as a customer journey map: a standalone SVG or HTML file.
+
+    From the YAML alone, or with --kpis its figures for the leads that entered in the
+    period: the same map the dashboard shows."""
+    from engine.dashboard.map import lay_out, render_svg
+    from engine.dashboard.pages import map_page
+
+    if output.suffix.lower() not in MAP_SUFFIXES:
+        raise typer.BadParameter(
+            f"{output.name!r} is neither .svg nor .html: name the file like map.svg or map.html",
+            param_hint="'--output'",
+        )
+    if not kpis and (start is not None or end is not None):
+        raise typer.BadParameter("the period is of the figures: add --kpis", param_hint="'--from'")
+    if start is not None and end is not None and start > end:
+        raise typer.BadParameter(f"the period ends ({end}) before it starts", param_hint="'--to'")
+    settings = _settings()
+    journey = _map_journey(settings, journey_ref)
+    report = _read_kpis(settings.database_url, journey, start, end) if kpis else None
+    drawn = lay_out(journey, report)
+    if output.suffix.lower() == ".svg":
+        text = '<?xml version="1.0" encoding="UTF-8"?>\n' + render_svg(drawn) + "\n"
+    else:
+        text = map_page(drawn)
+    try:
+        with _whole_file(output) as stream:
+            _writer(stream)(text)
+    except _OutputFailed as error:
+        _fail(f"cannot write {output}: {error}")
+    figures = " with its figures" if kpis else ""
+    typer.echo(f"map of {journey.id} v{journey.version}{figures} written to {output}")
+
+
+def _map_journey(settings: Settings, reference: str) -> Journey:
+    """The journey a file holds, when `reference` is a file; else the journey of that id in
+    CJM_JOURNEYS_DIR. Exits 1 with every error of an invalid one."""
+    path = Path(reference)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        try:
+            return load_journey_file(path)
+        except JourneyErrors as error:
+            _fail(f"{error}\nthe journey above is invalid")
+        except OSError as error:
+            _fail(f"cannot read {path}: {error.strerror or error}")
+    journeys = _journeys(settings)
+    if reference not in journeys:
+        _fail(f"no journey {reference!r}; there are: {', '.join(journeys.ids) or 'none'}")
+    return journeys[reference]
+
+
+def _read_kpis(
+    database_url: str, journey: Journey, start: date | None, end: date | None
+) -> dict[str, Any]:
+    """The journey's KPI report as the API answers it, or say why not and exit 1."""
+    from engine.db.database import Database
+    from engine.db.migrate import ensure_current
+    from engine.kpis.report import Period, read_kpis
+
+    async def read() -> dict[str, Any]:
+        await ensure_current(database_url)
+        db = Database(database_url)
+        try:
+            report = await read_kpis(db, journey, Period(start, end))
+        finally:
+            await db.close()
+        return report.model_dump(mode="json")
+
+    where = _database_at(database_url)
+    return _on_database(where, f"read the figures of {journey.id} from", read)
 
 
 @db_app.command("upgrade")

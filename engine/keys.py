@@ -90,6 +90,12 @@ class ApiKeys:
     def is_admin_key(self, presented: str) -> bool:
         return self._matches("admin", presented)
 
+    def fingerprint(self, name: KeyName) -> str:
+        """A value that changes whenever the key does, and tells nothing about the key: what
+        a dashboard session is bound to, so a new admin key ends every session."""
+        stored = self._digests[name].encode()
+        return hashlib.sha256(b"cjm key fingerprint\0" + stored).hexdigest()[:32]
+
     def _matches(self, name: KeyName, presented: str) -> bool:
         return hmac.compare_digest(digest(presented), self._digests[name])
 

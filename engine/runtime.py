@@ -24,6 +24,7 @@ from engine.db.migrate import ensure_current, upgrade
 from engine.ingest.inbox import Inbox
 from engine.journey import JourneyErrors, JourneySet, load_journeys
 from engine.keys import ApiKeys
+from engine.kpis.rollup import backfill_rollups
 from engine.machine.book import JourneyBook
 from engine.registry import publish
 from engine.worker.loop import Worker
@@ -88,6 +89,7 @@ class Runtime:
         self.db = Database(settings.database_url)
         try:
             self.book = await publish(self.db, journeys, self.clock.now())
+            await backfill_rollups(self.db)
             self.keys, self.generated_keys = await ApiKeys.load(self.db, settings)
             self.links = await Links.load(self.db, settings.base_url, self.clock.now())
             self.email = EmailChannel(

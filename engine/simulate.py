@@ -552,8 +552,8 @@ class KpiTally:
 
     def __init__(self, journey: Journey) -> None:
         self.stages = tuple(stage.id for stage in journey.stages)
-        self.runs = 0  # L: entries into the journey
-        self.customers = 0  # runs with at least one goal
+        self.leads = 0  # L: leads that entered, once however often they came back
+        self.customers = 0  # leads with at least one goal
         self.goals = 0
         self.value: float = 0  # the goal values' sum, as `sum` gives it (0 without goals)
         self.entered: Counter[str] = Counter()
@@ -561,8 +561,9 @@ class KpiTally:
         self.current: Counter[str] = Counter()  # runs still in a stage at the end
 
     def add(self, lead: LeadReport) -> None:
-        self.runs += len(lead.runs)
-        self.customers += len({goal.entry_no for goal in lead.goals})
+        # As the server's KPIs count: one person is one lead, a customer once.
+        self.leads += 1 if lead.runs else 0
+        self.customers += 1 if lead.goals else 0
         self.goals += len(lead.goals)
         for goal in lead.goals:
             self.value += goal.value or 0.0
@@ -581,10 +582,10 @@ class KpiTally:
             for stage in self.stages
         )
         return Kpis(
-            leads=self.runs,
+            leads=self.leads,
             customers=self.customers,
             goals=self.goals,
-            conversion=self.customers / self.runs if self.runs else 0.0,
+            conversion=self.customers / self.leads if self.leads else 0.0,
             average_value=self.value / self.goals if self.goals else 0.0,
             purchases_per_customer=self.goals / self.customers if self.customers else 0.0,
             revenue=self.value,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Response
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.store import remove_lead
@@ -24,6 +25,7 @@ from channels.email.tokens import BadToken
 from engine.db.queries import select_survivors, upsert
 from engine.db.schema import emails, leads, suppressions
 from engine.ingest.internal import emit
+from engine.kpis.rollup import bump_email, day_of
 
 if TYPE_CHECKING:
     from engine.api.app import AppRuntime
@@ -96,6 +98,7 @@ def email_router(runtime: AppRuntime) -> APIRouter:
         async with runtime.db.write() as connection:
             email = await _email(connection, sealed.email_id)
             if await _lead_exists(connection, sealed.lead_id):
+                await _count_first(connection, sealed.email_id, "opened", runtime.clock.now())
                 properties: dict[str, Any] = {"email": sealed.email_id}
                 if email is not None:
                     properties["template"] = email.template
@@ -127,6 +130,7 @@ def email_router(runtime: AppRuntime) -> APIRouter:
         digest = hashlib.sha256(sealed.url.encode()).hexdigest()[:16]
         async with runtime.db.write() as connection:
             if await _lead_exists(connection, sealed.lead_id):
+                await _count_first(connection, sealed.email_id, "clicked", runtime.clock.now())
                 await emit(
                     connection,
                     lead_id=sealed.lead_id,
@@ -187,6 +191,7 @@ def email_router(runtime: AppRuntime) -> APIRouter:
                     upsert(connection, suppressions).on_conflict_do_nothing(), [row]
                 )
             if await _lead_exists(connection, sealed.lead_id):
+                await _count_first(connection, sealed.email_id, "unsubscribed", now)
                 await emit(
                     connection,
                     lead_id=sealed.lead_id,
@@ -214,6 +219,24 @@ def _redirectable(url: str) -> bool:
 async def _email(connection: AsyncConnection, email_id: int) -> Any:
     query = select(emails.c.template, emails.c.to_address).where(emails.c.id == email_id)
     return (await connection.execute(query)).first()
+
+
+async def _count_first(
+    connection: AsyncConnection, email_id: int, what: str, now: datetime
+) -> None:
+    """Record the email's first open, click or unsubscribe, and count it in the KPIs of
+    the day it was sent: a reader who comes back is not counted again."""
+    column = emails.c[f"{what}_at"]
+    first = (
+        await connection.execute(
+            update(emails)
+            .where(emails.c.id == email_id, column.is_(None), emails.c.sent_at.is_not(None))
+            .values({column: now})
+            .returning(emails.c.journey_id, emails.c.template, emails.c.sent_at)
+        )
+    ).first()
+    if first is not None:
+        await bump_email(connection, first.journey_id, day_of(first.sent_at), first.template, what)
 
 
 async def _lead_exists(connection: AsyncConnection, lead_id: int) -> bool:

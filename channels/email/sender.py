@@ -49,6 +49,7 @@ from engine.db.queries import chunks, select_survivors, upsert
 from engine.db.schema import emails, enrollments, sequence_runs, suppressions
 from engine.ingest.internal import emit
 from engine.journey.model import Window
+from engine.kpis.rollup import bump_email, day_of
 from engine.machine.book import JourneyBook
 from engine.metrics import count_email
 
@@ -339,6 +340,12 @@ class Sender:
                 # would only be skipped again, so its run stops here.
                 stop = "address suppressed" if outcome.status == SUPPRESSED else None
                 await step_settled(connection, email.sequence_run_id, stop=stop, now=now)
+            if outcome.status == SENT:
+                await bump_email(connection, email.journey_id, day_of(now), email.template, "sent")
+            elif outcome.event == "email.bounced":
+                await bump_email(
+                    connection, email.journey_id, day_of(now), email.template, "bounced"
+                )
             if outcome.suppress and outcome.to_address is not None:
                 await insert_suppression(
                     connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now

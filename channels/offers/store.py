@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from engine.db.queries import OUTBOX_PENDING, mark_outbox_dispatched, upsert
 from engine.db.schema import enrollments, offer_codes, outbox
 from engine.ingest.internal import emit
 from engine.journey.model import MAX_CODE_LENGTH, Journey
+from engine.kpis.rollup import bump_offer, day_of
 from engine.machine.book import JourneyBook
 
 log = logging.getLogger("cjm.offers")
@@ -56,6 +58,7 @@ async def grant_offers(
             continue  # granting again gives the same code while it can still be used
         expires_at = offer.expires.at or now + (offer.expires.after or timedelta(0))
         code = await _insert_unique(connection, row, offer.code, now, expires_at)
+        await bump_offer(connection, row.journey_id, day_of(now), row.target, "granted")
         await emit(
             connection,
             lead_id=row.lead_id,
@@ -91,6 +94,9 @@ async def expire_offers(connection: AsyncConnection, now: datetime, limit: int =
         .where(offer_codes.c.id.in_([row.id for row in due]))
         .values(status=EXPIRED, expired_at=now)
     )
+    expired = Counter((row.journey_id, day_of(row.granted_at), row.offer) for row in due)
+    for (journey_id, day, offer), count in sorted(expired.items()):
+        await bump_offer(connection, journey_id, day, offer, "expired", count)
     for row in due:
         await emit(
             connection,
@@ -127,12 +133,14 @@ async def redeem(
             .where(offer_codes.c.id == row.id)
             .values(refused=offer_codes.c.refused + 1)
         )
+        await bump_offer(connection, row.journey_id, day_of(row.granted_at), row.offer, "refused")
         return Redemption("expired", await _lock_code(connection, row.code))
     await connection.execute(
         update(offer_codes)
         .where(offer_codes.c.id == row.id)
         .values(status=REDEEMED, redeemed_at=at, redeemed_by=via)
     )
+    await bump_offer(connection, row.journey_id, day_of(row.granted_at), row.offer, "redeemed")
     await emit(
         connection,
         lead_id=row.lead_id,

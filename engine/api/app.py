@@ -1,4 +1,4 @@
-"""The HTTP application: tracking, admin and health routes over one runtime.
+"""The HTTP application: tracking, admin, health and dashboard routes over one runtime.
 
 The app owns nothing: the runtime (settings, database, clock, keys, inbox, journey
 book) is built by whoever serves it (`cjm serve`, a test) and started and stopped
@@ -25,6 +25,7 @@ from engine.api.leads import leads_router
 from engine.api.tracking import TrackingCors, tracking_components, tracking_router
 from engine.clock import Clock
 from engine.config import Settings
+from engine.dashboard.routes import dashboard_router
 from engine.db.database import Database
 from engine.ingest.inbox import Inbox
 from engine.keys import ApiKeys
@@ -85,6 +86,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(audiences_router(runtime), dependencies=admin_only)
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
+    app.include_router(dashboard_router(runtime))
     app.add_middleware(TrackingCors)
 
     def openapi() -> dict[str, Any]:

@@ -38,6 +38,7 @@ from engine.db.schema import (
     transitions,
 )
 from engine.db.types import Instant
+from engine.kpis.rollup import Rewrite
 
 
 async def erase_lead(
@@ -86,7 +87,10 @@ async def erase_lead(
         .where(outbox.c.lead_id.in_(ids), outbox.c.status == "pending")
         .values(status="erased", updated_at=now)
     )
+    # Ending the runs rewrites their history: the KPIs count them as having left.
+    kpis = await Rewrite.begin(connection, ids)
     counts["runs_ended"] = await _end_runs(connection, ids, now)
+    await kpis.finish(connection)
     counts["audiences"] = await _leave_audiences(
         connection,
         ids,

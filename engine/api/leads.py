@@ -87,7 +87,7 @@ def leads_router(runtime: AppRuntime) -> APIRouter:
             lead = (await select_survivors(connection, [lead_id])).get(lead_id)
             if lead is None:
                 raise HTTPException(404, f"no lead {lead_id}")
-            return await _detail(connection, lead, runtime.book)
+            return await lead_detail(connection, lead, runtime.book)
 
     @router.delete(
         "/v1/leads/{lead_id}",
@@ -153,7 +153,8 @@ def _summary(lead: Record, lead_ids: Sequence[Record]) -> LeadSummary:
     )
 
 
-async def _detail(connection: AsyncConnection, lead: Record, book: JourneyBook) -> LeadDetail:
+async def lead_detail(connection: AsyncConnection, lead: Record, book: JourneyBook) -> LeadDetail:
+    """The lead as `GET /v1/leads/{id}` answers it (the dashboard's lead page shows it too)."""
     lead_ids = (await select_identities(connection, [lead.id]))[lead.id]
     merged_ids = await select_merged_ids(connection, lead.id)
     runs = await select_enrollments(connection, lead.id)

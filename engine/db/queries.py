@@ -171,9 +171,14 @@ async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> li
     for part in chunks(lead_ids):
         rows.extend(
             await connection.execute(
-                select(leads.c.id, leads.c.traits, leads.c.watermark, leads.c.merged_into).where(
-                    leads.c.id.in_(part)
-                )
+                select(
+                    leads.c.id,
+                    leads.c.traits,
+                    leads.c.watermark,
+                    leads.c.merged_into,
+                    leads.c.first_source,
+                    leads.c.first_source_at,
+                ).where(leads.c.id.in_(part))
             )
         )
     return rows
@@ -301,8 +306,9 @@ async def _update_by_id(
 
 
 async def update_leads(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """rows: {id, traits, email, watermark, updated_at}."""
-    await _update_by_id(connection, leads, ("traits", "email", "watermark", "updated_at"), rows)
+    """rows: {id, traits, email, watermark, first_source, first_source_at, updated_at}."""
+    columns = ("traits", "email", "watermark", "first_source", "first_source_at", "updated_at")
+    await _update_by_id(connection, leads, columns, rows)
 
 
 async def insert_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:

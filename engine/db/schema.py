@@ -44,6 +44,10 @@ class Lead(Base):
     merged_at: Mapped[datetime | None]
     # Set when the person asked to be forgotten: the row stays, without personal data.
     erased_at: Mapped[datetime | None]
+    # First touch: the earliest `context.campaign.source` seen, and that event's time
+    # (a late event from before it replaces it). KPIs are split by it.
+    first_source: Mapped[str | None] = mapped_column(String(200))
+    first_source_at: Mapped[datetime | None]
 
 
 class Identity(Base):
@@ -249,6 +253,11 @@ class Email(Base):
     sent_at: Mapped[datetime | None]
     # The sequence run whose step this is; null for a single `email.send`.
     sequence_run_id: Mapped[int | None] = mapped_column(BigId, index=True)
+    # The first open, click and unsubscribe through this email's links: each is
+    # counted once in the KPIs, however often the person comes back.
+    opened_at: Mapped[datetime | None]
+    clicked_at: Mapped[datetime | None]
+    unsubscribed_at: Mapped[datetime | None]
 
 
 class SequenceRun(Base):
@@ -340,6 +349,102 @@ class Erasure(Base):
     counts: Mapped[dict[str, Any]]
 
 
+# --- KPI roll-ups ---------------------------------------------------------------------------------
+# Kept up to date in the transactions that change what they count, so a KPI call reads a
+# few thousand rows however long the history. `day` is a UTC day number (days since
+# 1970-01-01). Counter rows are split by `shard`: concurrent writers on PostgreSQL each
+# take one at random, so they rarely wait for one another's row locks; a read sums them.
+
+
+class KpiLead(Base):
+    """A lead's place in a journey's figures: its cohort (the day it first entered) and
+    first-touch source, and its goals so far. The roll-ups below are sums over these."""
+
+    __tablename__ = "kpi_leads"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lead_id: Mapped[int] = mapped_column(BigId, primary_key=True, index=True)
+    day: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(200))  # "" when none is known
+    goals: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+
+
+class KpiCohort(Base):
+    """Leads, customers, goals and goal value of the leads that first entered on `day`."""
+
+    __tablename__ = "kpi_cohorts"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    leads: Mapped[int] = mapped_column(Integer)
+    customers: Mapped[int] = mapped_column(Integer)
+    goals: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+
+
+class KpiMove(Base):
+    """Moves between stages by the leads of a cohort: `from_stage` "" is entering the
+    journey, `to_stage` "" leaving it."""
+
+    __tablename__ = "kpi_moves"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)
+    from_stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    to_stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    leads: Mapped[int] = mapped_column(Integer)
+
+
+class KpiStageTime(Base):
+    """Time spent in a stage before leaving it, as a histogram of log-spaced buckets,
+    with each bucket's sum so that a bucket of equal times (a timeout) is exact."""
+
+    __tablename__ = "kpi_stage_times"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    leads: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+
+
+class KpiEmail(Base):
+    """Per template, the emails sent on `day` and what their readers did with them."""
+
+    __tablename__ = "kpi_emails"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)
+    template: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sent: Mapped[int] = mapped_column(Integer)
+    opened: Mapped[int] = mapped_column(Integer)
+    clicked: Mapped[int] = mapped_column(Integer)
+    unsubscribed: Mapped[int] = mapped_column(Integer)
+    bounced: Mapped[int] = mapped_column(Integer)
+
+
+class KpiOffer(Base):
+    """Per offer, the codes granted on `day` and what became of them."""
+
+    __tablename__ = "kpi_offers"
+
+    journey_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(Integer, primary_key=True)
+    offer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    granted: Mapped[int] = mapped_column(Integer)
+    redeemed: Mapped[int] = mapped_column(Integer)
+    expired: Mapped[int] = mapped_column(Integer)
+    refused: Mapped[int] = mapped_column(Integer)
+
+
 class Counter(Base):
     """A number that only grows, handed out under the row's lock (audience change numbers)."""
 
@@ -388,3 +493,9 @@ offer_codes = cast(Table, OfferCode.__table__)
 secrets = cast(Table, Secret.__table__)
 counters = cast(Table, Counter.__table__)
 erasures = cast(Table, Erasure.__table__)
+kpi_leads = cast(Table, KpiLead.__table__)
+kpi_cohorts = cast(Table, KpiCohort.__table__)
+kpi_moves = cast(Table, KpiMove.__table__)
+kpi_stage_times = cast(Table, KpiStageTime.__table__)
+kpi_emails = cast(Table, KpiEmail.__table__)
+kpi_offers = cast(Table, KpiOffer.__table__)

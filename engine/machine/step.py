@@ -67,7 +67,7 @@ def upgrade(journey: Journey, enrollment: Enrollment, now: datetime) -> Step:
     cause = Cause("version", detail=f"version {enrollment.version} to {journey.version}")
     effects: list[Effect] = [
         CancelTimers(),
-        Transitioned(stage.id, stage.id, now, cause),
+        Transitioned(stage.id, stage.id, now, cause, since=moved.stage_entered_at),
         *_start_timers(stage, moved, since=moved.stage_entered_at, not_before=now),
     ]
     return Step(_finish_if_terminal(journey, moved, now, effects), tuple(effects))
@@ -75,7 +75,10 @@ def upgrade(journey: Journey, enrollment: Enrollment, now: datetime) -> Step:
 
 def leave(enrollment: Enrollment, now: datetime, cause: Cause) -> Step:
     """End an active enrollment at once: timers void, sequences stopped."""
-    effects: list[Effect] = [CancelTimers(), Transitioned(enrollment.stage, None, now, cause)]
+    effects: list[Effect] = [
+        CancelTimers(),
+        Transitioned(enrollment.stage, None, now, cause, since=enrollment.stage_entered_at),
+    ]
     effects.extend(_stop_sequences(enrollment, "exit"))
     ended = replace(enrollment, state="exited", ended_at=now, sequences=())
     return Step(ended, tuple(effects))
@@ -167,7 +170,11 @@ def _move(
     effects.append(CancelTimers())
     moved = replace(enrollment, stage=to, epoch=enrollment.epoch + 1, stage_entered_at=now)
     stage = journey.stage(to)
-    effects.extend(_enter_stage(journey, stage, moved, enrollment.stage, now, cause))
+    effects.extend(
+        _enter_stage(
+            journey, stage, moved, enrollment.stage, now, cause, since=enrollment.stage_entered_at
+        )
+    )
     return Step(_finish_if_terminal(journey, moved, now, effects), tuple(effects))
 
 
@@ -178,8 +185,9 @@ def _enter_stage(
     from_stage: str | None,
     now: datetime,
     cause: Cause,
+    since: datetime | None = None,
 ) -> list[Effect]:
-    effects: list[Effect] = [Transitioned(from_stage, stage.id, now, cause)]
+    effects: list[Effect] = [Transitioned(from_stage, stage.id, now, cause, since)]
     for index, action in enumerate(stage.on_enter):
         key = f"{enrollment.epoch}.{index}"
         if isinstance(action, AudienceAdd):

@@ -109,12 +109,16 @@ class Cause:
 
 @dataclass(frozen=True, slots=True)
 class Transitioned:
-    """A line of history; `from_stage` None is an entry, `to_stage` None leaving the journey."""
+    """A line of history; `from_stage` None is an entry, `to_stage` None leaving the journey.
+
+    `since` is when `from_stage` was entered: how long the lead spent there.
+    """
 
     from_stage: str | None
     to_stage: str | None
     at: datetime
     cause: Cause
+    since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

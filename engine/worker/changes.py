@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
+from engine.kpis.rollup import record_batch
+from engine.kpis.sources import FirstTouch
 from engine.machine.lead import JourneyEffect, Outcome, PendingTimer
 from engine.machine.values import (
     AddToAudience,
@@ -50,9 +52,14 @@ def _email_of(traits: dict[str, Any]) -> str | None:
 class Changes:
     """Everything a batch will write; `write()` sends it in a few bulk statements."""
 
-    def __init__(self, enrollment_ids: dict[EnrollmentKey, int], now: datetime) -> None:
+    def __init__(
+        self, enrollment_ids: dict[EnrollmentKey, int], now: datetime, *, kpis: bool = True
+    ) -> None:
         self.enrollment_ids = enrollment_ids  # known rows; filled in for new ones on write
         self.now = now
+        # Whether to add the batch to the KPI roll-ups; a merge rewrites them itself.
+        self.kpis = kpis
+        self.sources: dict[int, str] = {}  # each lead's first-touch source after the batch
         self.leads: list[dict[str, Any]] = []
         self.enrollments: dict[EnrollmentKey, Enrollment] = {}
         self.effects: list[tuple[int, JourneyEffect]] = []
@@ -65,7 +72,13 @@ class Changes:
     def leads_count(self) -> int:
         return len(self.leads)
 
-    def add_outcome(self, lead_id: int, outcome: Outcome, event_ids: Sequence[int]) -> None:
+    def add_outcome(
+        self,
+        lead_id: int,
+        outcome: Outcome,
+        event_ids: Sequence[int],
+        first_touch: FirstTouch,
+    ) -> None:
         traits = dict(outcome.lead.traits)
         self.leads.append(
             {
@@ -73,9 +86,12 @@ class Changes:
                 "traits": traits,
                 "email": _email_of(traits),
                 "watermark": outcome.lead.watermark,
+                "first_source": first_touch.source,
+                "first_source_at": first_touch.at,
                 "updated_at": self.now,
             }
         )
+        self.sources[lead_id] = first_touch.source or ""
         self.add_effects(lead_id, outcome.changed, outcome.effects)
         self.timers.extend((lead_id, timer) for timer in outcome.timers)
         self.fired.extend(outcome.fired)
@@ -188,6 +204,8 @@ class Changes:
             ],
         )
         await queries.mark_processed(connection, self.processed, self.now)
+        if self.kpis:
+            await record_batch(connection, self.effects, self.sources)
 
     async def _write_enrollments(self, connection: AsyncConnection) -> None:
         new: list[tuple[EnrollmentKey, dict[str, Any]]] = []

@@ -2,9 +2,10 @@
 
 Runs inside the worker's transaction with both leads locked. The surviving lead
 keeps the union: identities, pending events, enrollments with their history,
-timers, outbox rows, audience memberships, traits (its own win). Where both were
-active in the same journey, the run that entered first continues and the other is
-ended with a `merge` cause, so a person is never in two stages of one journey.
+timers, outbox rows, audience memberships, traits (its own win), the earlier first
+touch. Where both were active in the same journey, the run that entered first
+continues and the other is ended with a `merge` cause, so a person is never in two
+stages of one journey, and the KPIs count the person once (`Rewrite`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
 from engine.db.schema import audience_members, enrollments, leads
+from engine.kpis.rollup import Rewrite
 from engine.machine.lead import JourneyEffect
 from engine.machine.step import leave
 from engine.machine.values import Cause
@@ -29,12 +31,14 @@ PARKED = 1_000_000
 async def merge_leads(
     connection: AsyncConnection, survivor: int, absorbed: int, now: datetime
 ) -> None:
+    kpis = await Rewrite.begin(connection, [survivor, absorbed])
     await _settle_enrollments(connection, survivor, absorbed, now)
     await _park_entries(connection, absorbed)
     await queries.move_lead_rows(connection, absorbed, survivor)
     await _renumber_entries(connection, survivor)
     await _merge_audiences(connection, survivor, absorbed)
     await _merge_traits(connection, survivor, absorbed, now)
+    await kpis.finish(connection)
 
 
 async def _settle_enrollments(
@@ -46,7 +50,7 @@ async def _settle_enrollments(
         if row.state == "active":
             active.setdefault(row.journey_id, []).append(row)
     ids = {(row.lead_id, row.journey_id, row.entry_no): row.id for row in rows}
-    changes = Changes(ids, now)
+    changes = Changes(ids, now, kpis=False)  # the merge's Rewrite counts it
     cause = Cause("merge", detail=f"lead {absorbed} merged into lead {survivor}")
     for both in active.values():
         if len(both) < 2:
@@ -143,13 +147,20 @@ async def _merge_traits(
     rows = {
         row.id: row
         for row in await connection.execute(
-            select(leads.c.id, leads.c.traits, leads.c.email, leads.c.watermark).where(
-                leads.c.id.in_([survivor, absorbed])
-            )
+            select(
+                leads.c.id,
+                leads.c.traits,
+                leads.c.email,
+                leads.c.watermark,
+                leads.c.first_source,
+                leads.c.first_source_at,
+            ).where(leads.c.id.in_([survivor, absorbed]))
         )
     }
     mine, theirs = rows[survivor], rows[absorbed]
     watermarks = [w for w in (mine.watermark, theirs.watermark) if w is not None]
+    touches = [row for row in (mine, theirs) if row.first_source_at is not None]
+    first = min(touches, key=lambda row: row.first_source_at, default=mine)
     await connection.execute(
         update(leads)
         .where(leads.c.id == survivor)
@@ -157,6 +168,8 @@ async def _merge_traits(
             traits={**(theirs.traits or {}), **(mine.traits or {})},
             email=mine.email or theirs.email,
             watermark=max(watermarks, default=None),
+            first_source=first.first_source,
+            first_source_at=first.first_source_at,
             updated_at=now,
         )
     )

@@ -21,6 +21,7 @@ from engine.clock import Clock
 from engine.db import queries
 from engine.db.database import Database
 from engine.journey.model import Journey
+from engine.kpis.sources import FirstTouch, first_touch
 from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
 from engine.machine.values import Enrollment, Transitioned
@@ -208,7 +209,11 @@ class Processor:
                 log.exception("processing lead %s failed", row.id)
                 failed.append((row.id, lead_events, lead_timers))
                 continue
-            changes.add_outcome(row.id, outcome, [event.id for event in lead_events])
+            touch = first_touch(
+                FirstTouch(row.first_source, row.first_source_at),
+                [(event.timestamp, (event.data or {}).get("context")) for event in lead_events],
+            )
+            changes.add_outcome(row.id, outcome, [event.id for event in lead_events], touch)
             applied.extend(lead_events)
         await changes.write(connection)
         for hook in self.event_hooks:

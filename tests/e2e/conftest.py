@@ -51,7 +51,9 @@ class Server:
             return client.get(path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
 
-def start_server(env: dict[str, str], log: Path) -> Server:
+def start_server(env: dict[str, str], log: Path, cwd: Path | None = None) -> Server:
+    """`cjm serve` on a free port, answering; run in `cwd` when given (where it writes
+    var/outbox), else in this one."""
     port = free_port()
     output = log.open("w")
     process = cjm(
@@ -65,6 +67,7 @@ def start_server(env: dict[str, str], log: Path) -> Server:
         },
         stdout=output,
         stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 30

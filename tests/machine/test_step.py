@@ -237,7 +237,7 @@ def test_event_transition_moves_lead_and_cancels_timers_of_the_stage_left() -> N
     cause = Cause("event", event="page", message_id="m2", timestamp=at(hours=1))
     assert result.effects == (
         CancelTimers(),
-        Transitioned("first_contact", "landing", at(hours=1), cause),
+        Transitioned("first_contact", "landing", at(hours=1), cause, since=T0),
         RemoveFromAudience("catalog_abandoners"),
     )
 
@@ -648,7 +648,7 @@ def test_exit_event_ends_enrollment_from_any_stage(stage: str) -> None:
     assert len(leaves) == 2  # the lead leaves every audience of the journey it left
     assert result.effects == (
         CancelTimers(),
-        Transitioned(stage, None, at(hours=1), cause),
+        Transitioned(stage, None, at(hours=1), cause, since=enrollment.stage_entered_at),
         *leaves,
     )
 
@@ -712,7 +712,7 @@ def test_leave_ends_the_enrollment_with_the_given_cause() -> None:
     assert (result.enrollment.state, result.enrollment.ended_at) == ("exited", at(days=2))
     assert result.effects[:2] == (
         CancelTimers(),
-        Transitioned("nurturing", None, at(days=2), merged),
+        Transitioned("nurturing", None, at(days=2), merged, since=T0),
     )
     assert [a.target for a in of_type(result.effects, ChannelAction)] == ["door_tips"]
 
@@ -734,6 +734,7 @@ def test_timer_of_the_current_stage_moves_the_lead() -> None:
             "retargeting",
             at(hours=2),
             Cause("timer", timestamp=at(hours=2), after="2h"),
+            since=T0,  # how long the lead was in the stage it left
         ),
     )
     assert StartTimer("retargeting", 2, 1, at(hours=2, days=14)) in result.effects
@@ -917,7 +918,11 @@ def test_upgrade_moves_lead_to_new_version_when_stage_exists_and_replans_timers(
     assert result.effects == (
         CancelTimers(),
         Transitioned(
-            "first_contact", "first_contact", at(hours=1), Cause("version", detail="version 1 to 2")
+            "first_contact",
+            "first_contact",
+            at(hours=1),
+            Cause("version", detail="version 1 to 2"),
+            since=T0,
         ),
         StartTimer("first_contact", 2, 1, at(hours=3)),  # 3h from the stage entry, not from now
     )

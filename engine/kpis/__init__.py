@@ -1,0 +1,1 @@
+"""KPIs: roll-ups kept current by the writers, and the report read from them."""
