@@ -25,9 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from engine.db.database import Database
 from engine.db.schema import kpi_cohorts, kpi_emails, kpi_moves, kpi_offers, kpi_stage_times
 from engine.journey.model import Journey, OnEvent, Stage
-from engine.kpis.rollup import EMAIL_COUNTERS, OFFER_COUNTERS, OUTSIDE
+from engine.kpis.rollup import EMAIL_COUNTERS, OFFER_COUNTERS, OUTSIDE, day_number
 
-EPOCH_DAY = date(1970, 1, 1)
 # The `by_source` key of leads whose first touch carried no campaign source.
 NO_SOURCE = "(none)"
 # The `exited_to` key of leaving the journey from a stage.
@@ -297,10 +296,6 @@ def _at_most(actual: float, target: float) -> Status:
     if actual <= target:
         return "ok"
     return "warn" if actual <= target * (1 + WARN_MARGIN) else "bad"
-
-
-def day_number(day: date) -> int:
-    return (day - EPOCH_DAY).days
 
 
 async def _sums(

@@ -27,9 +27,9 @@ import logging
 import math
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Table, delete, func, select
@@ -69,6 +69,11 @@ OUTSIDE = ""
 def day_of(moment: datetime) -> int:
     """The UTC day number of an instant: days since 1970-01-01."""
     return (moment - EPOCH).days
+
+
+def day_number(day: date) -> int:
+    """The number of a UTC day, as `day_of` gives it for an instant on that day."""
+    return (day - EPOCH.date()).days
 
 
 def bucket_of(seconds: float) -> int:
@@ -176,10 +181,12 @@ async def record_batch(
     connection: AsyncConnection,
     effects: Sequence[tuple[int, JourneyEffect]],
     sources: Mapping[int, str],
+    sources_moved: Collection[int],
 ) -> None:
     """Add one worker batch to the roll-ups. `effects` in the order they happened, per
-    lead; `sources` the first-touch source of each lead of the batch after it ("" none):
-    one that changed moves the lead's figures to its new source."""
+    lead; `sources` the first-touch source of each lead of the batch after it ("" none),
+    for the leads it brings into a journey; `sources_moved` the leads whose source this
+    batch changed, whose figures move to it. A batch that does neither reads nothing."""
     counted = [
         (lead_id, item)
         for lead_id, item in effects
@@ -188,7 +195,7 @@ async def record_batch(
             isinstance(item.effect, Transitioned) and item.effect.from_stage != item.effect.to_stage
         )
     ]
-    lead_ids = {lead_id for lead_id, _ in counted} | set(sources)
+    lead_ids = {lead_id for lead_id, _ in counted} | set(sources_moved)
     if not lead_ids:
         return
     before = await load_figures(connection, lead_ids)

@@ -60,6 +60,7 @@ class Changes:
         # Whether to add the batch to the KPI roll-ups; a merge rewrites them itself.
         self.kpis = kpis
         self.sources: dict[int, str] = {}  # each lead's first-touch source after the batch
+        self.sources_moved: set[int] = set()  # leads whose first touch this batch changed
         self.leads: list[dict[str, Any]] = []
         self.enrollments: dict[EnrollmentKey, Enrollment] = {}
         self.effects: list[tuple[int, JourneyEffect]] = []
@@ -78,6 +79,7 @@ class Changes:
         outcome: Outcome,
         event_ids: Sequence[int],
         first_touch: FirstTouch,
+        first_touch_moved: bool,
     ) -> None:
         traits = dict(outcome.lead.traits)
         self.leads.append(
@@ -92,6 +94,8 @@ class Changes:
             }
         )
         self.sources[lead_id] = first_touch.source or ""
+        if first_touch_moved:
+            self.sources_moved.add(lead_id)
         self.add_effects(lead_id, outcome.changed, outcome.effects)
         self.timers.extend((lead_id, timer) for timer in outcome.timers)
         self.fired.extend(outcome.fired)
@@ -205,7 +209,7 @@ class Changes:
         )
         await queries.mark_processed(connection, self.processed, self.now)
         if self.kpis:
-            await record_batch(connection, self.effects, self.sources)
+            await record_batch(connection, self.effects, self.sources, self.sources_moved)
 
     async def _write_enrollments(self, connection: AsyncConnection) -> None:
         new: list[tuple[EnrollmentKey, dict[str, Any]]] = []

@@ -209,11 +209,13 @@ class Processor:
                 log.exception("processing lead %s failed", row.id)
                 failed.append((row.id, lead_events, lead_timers))
                 continue
+            stored_touch = FirstTouch(row.first_source, row.first_source_at)
             touch = first_touch(
-                FirstTouch(row.first_source, row.first_source_at),
+                stored_touch,
                 [(event.timestamp, (event.data or {}).get("context")) for event in lead_events],
             )
-            changes.add_outcome(row.id, outcome, [event.id for event in lead_events], touch)
+            event_ids = [event.id for event in lead_events]
+            changes.add_outcome(row.id, outcome, event_ids, touch, touch != stored_touch)
             applied.extend(lead_events)
         await changes.write(connection)
         for hook in self.event_hooks:

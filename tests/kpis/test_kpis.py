@@ -202,6 +202,20 @@ async def test_late_events_count_where_they_belong(engine: Engine) -> None:
     await assert_equal_to_a_rebuild(engine)
 
 
+async def test_a_late_first_touch_alone_moves_the_lead_to_its_source(engine: Engine) -> None:
+    await engine.send("page", userId="u", properties=CATALOG, context=source("google"))
+    await engine.run(timedelta(hours=1))
+    early = (START - timedelta(minutes=5)).isoformat()
+    # A batch with nothing else: no move, no goal; only an earlier ad click, late.
+    await engine.send(
+        "track", userId="u", event="ad_clicked", context=source("bing"), timestamp=early
+    )
+    await engine.run()
+
+    assert list((await kpis(engine))["by_source"]) == ["bing"]
+    await assert_equal_to_a_rebuild(engine)
+
+
 async def test_the_period_selects_leads_by_the_day_they_first_entered(engine: Engine) -> None:
     await engine.send("page", userId="early", properties=CATALOG)
     await engine.run(timedelta(days=3))  # after its 2 h timeout: in retarget
