@@ -32,7 +32,7 @@ from engine.db.migrate import DatabaseNotMigrated
 from engine.journey import Journey, JourneyErrors, JourneySet, load_journey_file, load_journeys
 from engine.journey.model import EmailSend
 from engine.metrics import serve_metrics
-from engine.runtime import Runtime, load_checked_journeys
+from engine.runtime import Runtime, load_checked_journeys, tune_garbage_collector
 
 if TYPE_CHECKING:
     from engine.db.database import Database
@@ -87,6 +87,7 @@ async def _start(runtime: Runtime) -> None:
         _fail(f"{error}\nnot starting: the journeys above are invalid")
     except DatabaseNotMigrated as error:
         _fail(str(error))
+    tune_garbage_collector()
 
 
 def _banner(runtime: Runtime, listening: str | None) -> None:

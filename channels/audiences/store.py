@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, and_, case, exists, func, select, type_coerce, update
+from sqlalchemy import BigInteger, and_, bindparam, case, exists, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.queries import upsert
@@ -62,16 +62,20 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
         .returning(counters.c.value)
     )
     first = int(top or 0) - len(changed) + 1
-    for number, row in enumerate(changed, start=first):
-        await connection.execute(
-            update(audience_members)
-            .where(
-                audience_members.c.audience == row.audience,
-                audience_members.c.lead_id == row.lead_id,
-                audience_members.c.seq.is_(None),
-            )
-            .values(seq=number)
+    # One executemany, not a statement per row: the counter stays locked until commit.
+    await connection.execute(
+        update(audience_members)
+        .where(
+            audience_members.c.audience == bindparam("m_audience"),
+            audience_members.c.lead_id == bindparam("m_lead"),
+            audience_members.c.seq.is_(None),
         )
+        .values(seq=bindparam("m_seq")),
+        [
+            {"m_audience": row.audience, "m_lead": row.lead_id, "m_seq": number}
+            for number, row in enumerate(changed, start=first)
+        ],
+    )
     return len(changed)
 
 

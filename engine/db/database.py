@@ -30,6 +30,23 @@ SQLITE_PRAGMAS = (
 )
 
 
+# How long a PostgreSQL transaction may sit idle between statements before the server
+# ends it: the lease on a worker's claims. A worker that dies closes its connection and
+# its claims come back at once; one that hangs, or whose machine drops off the network,
+# loses them after this long (or when TCP keepalives find the peer gone), and the lead's
+# events go to another worker. A batch spends well under a second between statements.
+CLAIM_LEASE_S = 60.0
+
+
+def _lease_settings(lease_seconds: float) -> dict[str, str]:
+    return {
+        "idle_in_transaction_session_timeout": str(int(lease_seconds * 1000)),
+        "tcp_keepalives_idle": "30",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "3",
+    }
+
+
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -70,7 +87,7 @@ def _checkpoint(connection: Connection) -> None:
 class Database:
     """The engine's handle on its database: `write()` and `read()` transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lease_seconds: float = CLAIM_LEASE_S) -> None:
         self.url = url
         self.dialect = make_url(url).get_backend_name()
         if self.dialect == "sqlite":
@@ -84,6 +101,7 @@ class Database:
                 pool_pre_ping=True,
                 json_serializer=_json_dumps,
                 json_deserializer=orjson.loads,
+                connect_args={"server_settings": _lease_settings(lease_seconds)},
             )
             # One snapshot for a whole read (a lead's page never shows a stage without
             # the history line that led there), and no writes by mistake.

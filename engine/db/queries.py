@@ -67,6 +67,18 @@ async def _lock_leads(connection: AsyncConnection, window: Select[Any], limit: i
     return list((await connection.scalars(claim)).all())
 
 
+async def any_pending_events(connection: AsyncConnection) -> bool:
+    found = await connection.scalar(
+        select(events.c.id).where(events.c.processed_at.is_(None)).limit(1)
+    )
+    return found is not None
+
+
+async def any_due_timers(connection: AsyncConnection, now: datetime) -> bool:
+    found = await connection.scalar(select(timers.c.id).where(timers.c.due_at <= now).limit(1))
+    return found is not None
+
+
 async def claim_leads_with_events(connection: AsyncConnection, limit: int) -> list[int]:
     window = (
         select(events.c.lead_id)
@@ -241,25 +253,40 @@ async def load_enrollments(connection: AsyncConnection, lead_ids: Sequence[int])
     return rows
 
 
-async def merges_pending(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
+async def merges_pending(
+    connection: AsyncConnection, lead_ids: Sequence[int]
+) -> list[tuple[int, int]]:
     """(lead_id, merge_lead_id) of pending events of live leads that say two leads are
-    one person; the partner may have been merged into a third lead since."""
-    rows: list[Any] = []
+    one person, oldest first; the partner may have been merged into a third lead since.
+
+    Two plain queries rather than a join: a join planned on a freshly filled events
+    table (no statistics yet) can rescan every pending event once per lead.
+    """
+    found: list[Any] = []
     for part in chunks(lead_ids):
-        rows.extend(
+        found.extend(
             await connection.execute(
-                select(events.c.lead_id, events.c.merge_lead_id)
-                .join(leads, leads.c.id == events.c.lead_id)
-                .where(
+                select(
+                    events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
+                ).where(
                     events.c.lead_id.in_(part),
                     events.c.processed_at.is_(None),
                     events.c.merge_lead_id.is_not(None),
-                    leads.c.merged_into.is_(None),
                 )
-                .order_by(events.c.timestamp, events.c.id)
             )
         )
-    return rows
+    if not found:
+        return []
+    live = set(
+        await connection.scalars(
+            select(leads.c.id).where(
+                leads.c.id.in_(sorted({row.lead_id for row in found})),
+                leads.c.merged_into.is_(None),
+            )
+        )
+    )
+    found.sort(key=lambda row: (row.timestamp, row.id))
+    return [(row.lead_id, row.merge_lead_id) for row in found if row.lead_id in live]
 
 
 # --- writing a batch -----------------------------------------------------------------------------
@@ -312,13 +339,27 @@ async def update_leads(connection: AsyncConnection, rows: list[dict[str, Any]]) 
 
 
 async def insert_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
-    """The new rows' ids, in the order given."""
+    """The new rows' ids, in the order given.
+
+    Inserted in one executemany, then read back by their unique key (lead, journey,
+    entry number): RETURNING in parameter order would make SQLAlchemy insert one row
+    per statement on SQLite, ten times slower.
+    """
     if not rows:
         return []
-    result = await connection.execute(
-        insert(enrollments).returning(enrollments.c.id, sort_by_parameter_order=True), rows
-    )
-    return list(result.scalars().all())
+    await connection.execute(insert(enrollments), rows)
+    ids: dict[tuple[int, str, int], int] = {}
+    for part in chunks(sorted({row["lead_id"] for row in rows})):
+        result = await connection.execute(
+            select(
+                enrollments.c.id,
+                enrollments.c.lead_id,
+                enrollments.c.journey_id,
+                enrollments.c.entry_no,
+            ).where(enrollments.c.lead_id.in_(part))
+        )
+        ids.update(((row.lead_id, row.journey_id, row.entry_no), row.id) for row in result)
+    return [ids[(row["lead_id"], row["journey_id"], row["entry_no"])] for row in rows]
 
 
 ENROLLMENT_CHANGES = (

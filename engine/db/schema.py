@@ -73,6 +73,13 @@ class Event(Base):
             sqlite_where=text("processed_at IS NULL"),
             postgresql_where=text("processed_at IS NULL"),
         ),
+        # Pending events that merge two leads: rare, and looked up for every batch.
+        Index(
+            "ix_events_pending_merges",
+            "lead_id",
+            sqlite_where=text("processed_at IS NULL AND merge_lead_id IS NOT NULL"),
+            postgresql_where=text("processed_at IS NULL AND merge_lead_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

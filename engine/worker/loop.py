@@ -1,8 +1,9 @@
 """The worker's schedule: events as they arrive, timers as they fall due.
 
-Events: a loop that processes batches while there are any, then waits for the inbox
-to say something was committed in this process (instant on the embedded SQLite
-setup) or for a short poll interval (other API processes on PostgreSQL).
+Events: a loop that processes full batches while there are any, then waits for the
+inbox to say something was committed in this process (instant on the embedded SQLite
+setup) or for a short poll interval (other API processes on PostgreSQL), and lets
+events gather for a few milliseconds before the next batch.
 Timers: APScheduler's interval job sweeps due timers a few times a second, so a
 timeout fires well within a second of its due time. The timers themselves are rows
 (millions cost disk, not memory); APScheduler only runs the sweep.
@@ -23,6 +24,7 @@ log = logging.getLogger("cjm.worker")
 
 SWEEP_INTERVAL_S = 0.2
 IDLE_POLL_S = 0.2
+GATHER_S = 0.02
 ERROR_BACKOFF_S = 1.0
 
 
@@ -86,7 +88,11 @@ class Worker:
                 log.exception("event processing failed; retrying")
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
-            if processed:
-                continue
+            if processed >= self.processor.batch_leads:
+                continue  # a full batch: more is waiting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
+            # Let what is arriving gather for a moment: under load, one batch of many
+            # leads costs far less than many batches of a few (each batch is one
+            # transaction on the database's one writer, shared with ingestion).
+            await asyncio.sleep(GATHER_S)

@@ -81,11 +81,18 @@ class Processor:
 
     async def process_events(self) -> int:
         """One batch of leads with pending events; how many leads were taken forward."""
+        # A look on a reader first: an idle poll never queues for the one writer.
+        async with self.db.read() as connection:
+            if not await queries.any_pending_events(connection):
+                return 0
         return await self._process(
             lambda connection, _: queries.claim_leads_with_events(connection, self.batch_leads)
         )
 
     async def process_due_timers(self) -> int:
+        async with self.db.read() as connection:
+            if not await queries.any_due_timers(connection, self.clock.now()):
+                return 0
         return await self._process(
             lambda connection, now: queries.claim_leads_with_due_timers(
                 connection, now, self.batch_leads
