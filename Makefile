@@ -41,10 +41,20 @@ $(CHROMIUM):
 test: $(STAMP) lint $(CHROMIUM)
 	$(if $(PG_UP),CJM_TEST_POSTGRES_URL=$${CJM_TEST_POSTGRES_URL:-$(PG_URL)}) $(BIN)/pytest -q
 
-# Benchmarks print their figures beside a baseline measured in the same run.
+# Benchmarks print their figures beside a baseline measured in the same run and keep
+# them in bench/results.json (bench/README.md: what each measures, figures measured).
+# About an hour in all; the PostgreSQL ones run when a server answers.
+BENCH_PG := $(if $(PG_UP),CJM_TEST_POSTGRES_URL=$${CJM_TEST_POSTGRES_URL:-$(PG_URL)})
 bench: $(STAMP)
+	$(BIN)/python bench/step.py
+	$(BENCH_PG) $(BIN)/python bench/tracking.py $(if $(PG_UP),--postgres)
+	$(BENCH_PG) $(BIN)/python bench/e2e.py $(if $(PG_UP),--postgres)
+	$(BIN)/python bench/timers.py
+	$(BIN)/python bench/emails.py
 	$(BIN)/python bench/audience_export.py
 	$(BIN)/python bench/kpis.py
+	$(if $(PG_UP),$(BENCH_PG) $(BIN)/python bench/scaleout.py)
+	$(BIN)/python bench/e2e.py --headline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var test-artifacts

@@ -1,0 +1,227 @@
+"""Ingest to stage, end to end: N leads of the doors journey, five events each.
+
+Each lead opens the catalog from a search ad (enters `first_contact`), comes back from
+a Facebook ad (`landing`), identifies with an email, requests the catalog
+(`nurturing`: the tips sequence starts and a free-installation code is granted) and
+orders (`customer`, the goal). Events arrive as `/v1/batch` calls of 500 would hand
+them to the inbox (parsed from Segment payloads, group-committed), and a lead's five
+events arrive in five different batches, so the worker takes most leads forward
+several times. The clock runs from the first batch to the moment every lead is a
+customer: ingestion and the worker share the process and its cores, as in `cjm serve`.
+
+Run: `.venv/bin/python bench/e2e.py [leads] [--postgres [SERVER_URL]]` (default 100000,
+SQLite; with --postgres, PostgreSQL too).
+`--headline` runs the 1,000,000-lead case (5,000,000 events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    POSTGRES_SERVER,
+    ROOT,
+    Figure,
+    Stopwatch,
+    peak_rss_mib,
+    report,
+    scratch_postgres,
+)
+from sqlalchemy import func, select
+
+from channels.offers.store import redeem_coupons
+from engine.config import Settings
+from engine.db.migrate import upgrade
+from engine.db.schema import enrollments, events
+from engine.ingest.messages import parse_batch
+from engine.runtime import Runtime, tune_garbage_collector
+from engine.worker.loop import Worker
+from engine.worker.processor import Processor
+
+BATCH = 500
+# Leads whose five events are sent before the next block starts: a lead's events are
+# spread over five batches, and the worker meets each lead about five times.
+BLOCK = 10_000
+SENDERS = 8  # concurrent /v1/batch callers
+
+
+def lead_events(n: int, at: datetime) -> list[dict[str, Any]]:
+    """The five calls of lead n, a few seconds apart, as a website would send them."""
+    anonymous = f"anon-{n}"
+
+    def call(seconds: int, kind: str, **fields: Any) -> dict[str, Any]:
+        stamp = (at + timedelta(seconds=seconds)).isoformat()
+        return {"type": kind, "anonymousId": anonymous, "timestamp": stamp, **fields}
+
+    return [
+        call(
+            0,
+            "page",
+            properties={"path": "/catalog/steel"},
+            context={"campaign": {"source": "google"}},
+        ),
+        call(
+            5,
+            "page",
+            properties={"path": "/landing/free-install"},
+            context={"campaign": {"source": "facebook"}},
+        ),
+        call(
+            10,
+            "identify",
+            userId=f"user-{n}",
+            traits={"email": f"lead.{n}@example.com", "first_name": "Sam"},
+        ),
+        call(15, "track", userId=f"user-{n}", event="catalog_requested"),
+        call(
+            20,
+            "track",
+            userId=f"user-{n}",
+            event="order_completed",
+            properties={"revenue": 1290, "order_id": f"o-{n}"},
+        ),
+    ]
+
+
+def batches(leads: int) -> Iterator[list[dict[str, Any]]]:
+    # An hour ago: every event is in the past, and no lead has stayed anywhere long
+    # enough for a timeout (the shortest, 2h in first_contact) to move it elsewhere.
+    began = datetime.now(UTC) - timedelta(hours=1)
+    for first in range(0, leads, BLOCK):
+        block = range(first, min(first + BLOCK, leads))
+        calls = [lead_events(n, began + timedelta(milliseconds=n)) for n in block]
+        for wave in range(5):
+            wave_calls = [lead_calls[wave] for lead_calls in calls]
+            for start in range(0, len(wave_calls), BATCH):
+                yield wave_calls[start : start + BATCH]
+
+
+async def send(runtime: Runtime, leads: int) -> float:
+    """Hand every lead's events to the inbox as SENDERS concurrent batch calls would;
+    the seconds it took."""
+    queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(maxsize=SENDERS * 2)
+
+    async def sender() -> None:
+        while (calls := await queue.get()) is not None:
+            batch = parse_batch({"batch": calls}, runtime.clock.now())
+            assert not batch.rejected, batch.rejected[:3]
+            await runtime.inbox.accept(batch.messages)
+
+    with Stopwatch() as watch:
+        tasks = [asyncio.create_task(sender()) for _ in range(SENDERS)]
+        for calls in batches(leads):
+            await queue.put(calls)
+        for _ in tasks:
+            await queue.put(None)
+        await asyncio.gather(*tasks)
+    return watch.seconds
+
+
+def settings_for(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        journeys_dir=ROOT / "journeys",
+        templates_dir=ROOT / "templates" / "emails",
+    )
+
+
+async def customers(runtime: Runtime) -> int:
+    async with runtime.db.read() as connection:
+        count = await connection.scalar(
+            select(func.count())
+            .select_from(enrollments)
+            .where(enrollments.c.journey_id == "doors", enrollments.c.stage == "customer")
+        )
+    return int(count or 0)
+
+
+async def pending(runtime: Runtime) -> int:
+    async with runtime.db.read() as connection:
+        count = await connection.scalar(
+            select(func.count()).select_from(events).where(events.c.processed_at.is_(None))
+        )
+    return int(count or 0)
+
+
+async def run(leads: int, database_url: str) -> dict[str, float]:
+    settings = settings_for(database_url)
+    # The API's share (inbox) and the worker's, without the email and audience
+    # dispatchers: they have benchmarks of their own.
+    runtime = Runtime(settings, run_worker=False)
+    await runtime.start()
+    tune_garbage_collector()  # as `cjm serve` does once started
+    worker = Worker(
+        Processor(runtime.db, runtime.book, runtime.clock, event_hooks=[redeem_coupons])
+    )
+    runtime.inbox.on_commit = worker.wake
+    await worker.start()
+    try:
+        with Stopwatch() as watch:
+            ingest_seconds = await send(runtime, leads)
+            while await pending(runtime):  # noqa: ASYNC110 (the worker has no "idle" event)
+                await asyncio.sleep(0.2)
+        done = await customers(runtime)
+        assert done == leads, f"{done} of {leads} leads reached the customer stage"
+        return {"seconds": watch.seconds, "ingest_seconds": ingest_seconds}
+    finally:
+        await worker.stop()
+        await runtime.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("leads", nargs="?", type=int, default=100_000)
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=POSTGRES_SERVER,
+        metavar="SERVER_URL",
+        help="also run on PostgreSQL (a database of the benchmark's own on this server)",
+    )
+    parser.add_argument("--headline", action="store_true", help="1,000,000 leads")
+    args = parser.parse_args()
+    leads = 1_000_000 if args.headline else args.leads
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory() as directory:
+        url = f"sqlite+aiosqlite:///{Path(directory) / 'bench.db'}"
+        result = asyncio.run(run(leads, url))
+    rate = leads * 5 / result["seconds"]
+    figures.append(
+        Figure(
+            f"SQLite, {leads:,} leads x 5 events",
+            rate,
+            "ev/s",
+            target=">= 20,000 ev/s",
+            met=rate >= 20_000,
+        )
+    )
+    figures.append(
+        Figure("  of which ingestion alone", leads * 5 / result["ingest_seconds"], "ev/s")
+    )
+    figures.append(Figure("  wall time, first event to last stage", result["seconds"], "s"))
+    if args.postgres:
+        with scratch_postgres(args.postgres, "cjm_bench_e2e") as url:
+            asyncio.run(upgrade(url))
+            result = asyncio.run(run(leads, url))
+        rate = leads * 5 / result["seconds"]
+        figures.append(
+            Figure(
+                f"PostgreSQL, {leads:,} leads x 5 events",
+                rate,
+                "ev/s",
+                target=">= 10,000 ev/s",
+                met=rate >= 10_000,
+            )
+        )
+    figures.append(Figure("peak memory (process)", peak_rss_mib(), "MiB"))
+    report("e2e" if not args.headline else "headline", figures)
+
+
+if __name__ == "__main__":
+    main()
