@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.journey import Journey, load_journeys
+from engine.journey import Journey
 from engine.simulate import BadEvents, Report, read_events, simulate
 
 START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -72,20 +72,6 @@ offers:
 audiences:
   visitors: {}
 """
-
-
-@pytest.fixture
-def journeys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "journeys"
-    directory.mkdir()
-    (directory / "doors.yaml").write_text(DOORS)
-    monkeypatch.setenv("CJM_JOURNEYS_DIR", str(directory))
-    return directory
-
-
-@pytest.fixture
-def doors(journeys_dir: Path) -> Journey:
-    return load_journeys([journeys_dir])["doors"]
 
 
 def page(user: str, path: str, after: timedelta = timedelta(0)) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.ingest.messages import Message
-from engine.journey import Journey, load_journeys
+from engine.journey import Journey
 from engine.simulate import simulate as run_simulation
 from engine.traffic import DEFAULT_PROFILE, Profile, generate, generate_leads, synthetic_leads
 
-from .test_simulate import DOORS, page, write_events
+from .test_simulate import page, write_events
 
 # Three leads in four browse; one in four buys within the day.
 PROFILE = """\
@@ -34,20 +34,6 @@ PROFILE = """\
     - {type: identify, after: 5m, traits: {email: "lead-{n}@example.com"}}
     - {event: order_completed, after: 1h, properties: {revenue: 80, order: "o-{n}"}}
 """
-
-
-@pytest.fixture
-def journeys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "journeys"
-    directory.mkdir()
-    (directory / "doors.yaml").write_text(DOORS)
-    monkeypatch.setenv("CJM_JOURNEYS_DIR", str(directory))
-    return directory
-
-
-@pytest.fixture
-def doors(journeys_dir: Path) -> Journey:
-    return load_journeys([journeys_dir])["doors"]
 
 
 def write_profile(tmp_path: Path, text: str) -> Path:
