@@ -21,6 +21,9 @@ the catalog (`nurturing`) and orders (`customer`): five inputs, four moves.
 
 The leads run in blocks that alternate between the machines, so that both see the same
 background load. Moves are counted, and every lead must end in the same stage on both.
+Both run under the garbage collector settings of `cjm serve` and `cjm worker`
+(`engine.runtime.tune_garbage_collector`, applied once everything is loaded), the
+settings the core runs with in production.
 
 Run: `.venv/bin/python bench/step.py [--leads N]` (default 100000; about a minute).
 """
@@ -44,6 +47,7 @@ from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, advance
 from engine.machine.step import step
 from engine.machine.values import Enrollment, Event, Transitioned
+from engine.runtime import tune_garbage_collector
 
 START = datetime(2026, 8, 1, 9, tzinfo=UTC)
 BLOCK = 500  # leads per turn of each machine, their outputs kept until counted: a worker batch
@@ -312,6 +316,7 @@ def main() -> None:
     config = doors_machine(journey)
     # As the `transitions` documentation has it for many models: no model of its own.
     shared = Machine(model=None, initial=None, **config)
+    tune_garbage_collector()
     stepped, advanced, baseline, per_lead = Run(), Run(), Run(), Run()
     built_seconds = 0.0
     for block in blocks(args.leads):

@@ -93,6 +93,11 @@ class Condition:
     def __init__(self, clauses: tuple[tuple[str, Predicate], ...]) -> None:
         self._clauses = clauses
 
+    @property
+    def clauses(self) -> tuple[tuple[str, Predicate], ...]:
+        """(path, predicate) per clause: what the pure core compiles its own tests from."""
+        return self._clauses
+
     def __call__(self, view: Mapping[str, Any]) -> bool:
         return all(predicate(resolve_path(view, path)) for path, predicate in self._clauses)
 

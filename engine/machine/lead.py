@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from engine.journey.model import Journey
 from engine.machine.book import JourneyBook
@@ -25,11 +25,12 @@ from engine.machine.values import (
     CancelTimers,
     Effect,
     Enrollment,
-    Event,
     SetTrait,
     StartTimer,
     Step,
-    TimerFired,
+    new_event,
+    new_timer_fired,
+    slot_setters,
 )
 
 
@@ -86,13 +87,27 @@ class Outcome:
     timers: tuple[PendingTimer, ...]  # timers started and still pending: to store
 
 
-@dataclass(order=True)
 class _Queued:
-    at: datetime
-    rank: int  # 0: timer, 1: event, at the same instant
-    tie: tuple[str | int, ...]  # events: arrival; timers: journey, entry, epoch, transition
-    item: LeadEvent | PendingTimer = field(compare=False)
-    void: bool = field(default=False, compare=False)
+    """An input waiting in the run's queue, behind its sort key (see `_Entry`).
+
+    A timer started in this run is voided in place when its enrollment cancels its
+    timers. Entries of equal keys compare as neither first, as the keys alone would.
+    """
+
+    __slots__ = ("item", "void")
+
+    def __init__(self, item: LeadEvent | PendingTimer) -> None:
+        self.item = item
+        self.void = False
+
+    def __lt__(self, other: _Queued) -> bool:
+        return False
+
+
+# (when, rank, tie, input): rank 0 is a timer and 1 an event, at the same instant; the
+# tie is the arrival order of events, and journey, entry, epoch, transition of timers.
+# Plain tuples, so that the heap compares them without a call into Python.
+_Entry = tuple[datetime, int, tuple[str | int, ...], _Queued]
 
 
 def advance(
@@ -104,19 +119,21 @@ def advance(
 ) -> Outcome:
     """Apply `events` and the due stored `timers` to `lead`; fire timeouts due by `until`."""
     run = _Run(book, lead, until)
+    push, queue = heapq.heappush, run.queue
     for event in events:
-        run.push(_Queued(event.timestamp, 1, (event.seq,), event))
-        run.horizon = max(run.horizon, event.timestamp)
+        push(queue, (event.timestamp, 1, (event.seq,), _Queued(event)))
+        if event.timestamp > run.horizon:
+            run.horizon = event.timestamp
     for timer in timers:
-        run.push(_timer_queued(timer))
+        push(queue, _timer_entry(timer))
     run.upgrade_enrollments()
     run.drain()
     return run.outcome()
 
 
-def _timer_queued(timer: PendingTimer) -> _Queued:
+def _timer_entry(timer: PendingTimer) -> _Entry:
     tie = (timer.journey_id, timer.entry_no, timer.epoch, timer.transition)
-    return _Queued(timer.due_at, 0, tie, timer)
+    return (timer.due_at, 0, tie, _Queued(timer))
 
 
 class _Run:
@@ -125,41 +142,43 @@ class _Run:
     def __init__(self, book: JourneyBook, lead: Lead, until: datetime) -> None:
         self.book = book
         self.traits = dict(lead.traits)
+        # A copy of `traits` as events carry them, shared by events until traits change.
+        self.traits_seen: dict[str, Any] | None = None
         self.watermark = lead.watermark
         self.enrollments = dict(lead.enrollments)
         self.horizon = until  # timers started in this run fire inline when due by then
-        self.queue: list[_Queued] = []
+        self.queue: list[_Entry] = []
         self.effects: list[JourneyEffect] = []
         self.changed: dict[tuple[str, int], Enrollment] = {}
         self.fired: list[int] = []
         self.cancelled: set[tuple[str, int]] = set()
-        self.started: dict[tuple[str, int], list[_Queued]] = {}
-
-    def push(self, queued: _Queued) -> None:
-        heapq.heappush(self.queue, queued)
+        self.started: dict[tuple[str, int], list[_Entry]] = {}
 
     def upgrade_enrollments(self) -> None:
         """Enrollments on an older map move to the current one if their stage is still there."""
-        at = self._first_moment()
+        at: datetime | None = None
         for journey_id, enrollment in sorted(self.enrollments.items()):
             current = self.book.current.get(journey_id)
             if current is None or journey_id in self.book.retired:
                 continue
             # Only forward: an older process in a rolling deploy must not move runs back.
             if enrollment.active and enrollment.version < current.version:
+                if at is None:  # before the first upgrade queues the timers it starts
+                    at = self._first_moment()
                 self._apply(journey_id, upgrade(current, enrollment, at), at)
 
     def _first_moment(self) -> datetime:
-        first = min((queued.at for queued in self.queue), default=self.horizon)
+        first = min((entry[0] for entry in self.queue), default=self.horizon)
         return first if self.watermark is None else max(first, self.watermark)
 
     def drain(self) -> None:
-        while self.queue:
-            queued = heapq.heappop(self.queue)
+        queue, pop = self.queue, heapq.heappop
+        while queue:
+            at, _, _, queued = pop(queue)
             if queued.void:
                 continue
             item = queued.item
-            now = queued.at if self.watermark is None else max(queued.at, self.watermark)
+            now = at if self.watermark is None else max(at, self.watermark)
             if isinstance(item, PendingTimer):
                 if not self._fire(item, now):
                     continue  # a void timer is no input: the lead's time stays where it was
@@ -174,8 +193,8 @@ class _Run:
         enrollment = self.enrollments.get(timer.journey_id)
         if enrollment is None or not enrollment.active:
             return False
-        journey = self.book.journey(timer.journey_id, enrollment.version)
-        fired = TimerFired(
+        journey = self.book.versions[(timer.journey_id, enrollment.version)]
+        fired = new_timer_fired(
             timer.journey_id,
             timer.entry_no,
             timer.stage,
@@ -190,14 +209,19 @@ class _Run:
     def _deliver(self, message: LeadEvent, now: datetime) -> None:
         if message.traits:
             self.traits.update(message.traits)
-        event = Event(
-            name=message.name,
-            timestamp=message.timestamp,
-            message_id=message.message_id,
-            properties=message.properties,
-            context=message.context,
-            traits=dict(self.traits),
-            late=self.watermark is not None and message.timestamp < self.watermark,
+            self.traits_seen = None
+        traits = self.traits_seen
+        if traits is None:
+            traits = self.traits_seen = dict(self.traits)
+        watermark = self.watermark
+        event = new_event(
+            message.name,
+            message.timestamp,
+            message.message_id,
+            message.properties,
+            message.context,
+            traits,
+            watermark is not None and message.timestamp < watermark,
         )
         for journey_id, journey in self._listeners(message.name):
             previous = self.enrollments.get(journey_id)
@@ -205,62 +229,145 @@ class _Run:
 
     def _listeners(self, name: str) -> list[tuple[str, Journey]]:
         """The journeys this event may change for the lead, in a fixed order."""
+        book = self.book
         found: dict[str, Journey] = {}
         for journey_id, enrollment in self.enrollments.items():
-            if enrollment.active:
-                journey = self.book.journey(journey_id, enrollment.version)
-            elif journey_id in self.book.retired:
+            if enrollment.state == "active":
+                journey = book.versions[(journey_id, enrollment.version)]
+            elif journey_id in book.retired:
                 continue
             else:
-                journey = self.book.current[journey_id]
+                journey = book.current[journey_id]
             if name in journey.listens_to:
                 found[journey_id] = journey
-        for journey in self.book.entries_on.get(name, ()):
-            found.setdefault(journey.id, journey)
-        return sorted(found.items())
+        for journey in book.entries_on.get(name, ()):
+            # A run in progress cannot enter again; an older map it runs on may not listen
+            # to the current map's entry event, and the current map may lack its stage.
+            running = self.enrollments.get(journey.id)
+            if running is None or not running.active:
+                found.setdefault(journey.id, journey)
+        return sorted(found.items()) if len(found) > 1 else list(found.items())
 
     def _apply(self, journey_id: str, result: Step, now: datetime) -> None:
         enrollment = result.enrollment
         if enrollment is None:
             return
-        key = (journey_id, enrollment.entry_no)
+        entry_no = enrollment.entry_no
+        key = (journey_id, entry_no)
         if enrollment is not self.enrollments.get(journey_id):
             self.enrollments[journey_id] = enrollment
             self.changed[key] = enrollment
+        append = self.effects.append
         for effect in result.effects:
-            self.effects.append(JourneyEffect(journey_id, enrollment.entry_no, now, effect))
-            if isinstance(effect, StartTimer):
-                self._start(journey_id, enrollment.entry_no, effect)
-            elif isinstance(effect, CancelTimers):
+            append(new_journey_effect(journey_id, entry_no, now, effect))
+            kind = type(effect)  # the core's own values: one type test, not an isinstance each
+            if kind is StartTimer:
+                self._start(journey_id, entry_no, cast(StartTimer, effect))
+            elif kind is CancelTimers:
                 self.cancelled.add(key)
-                for queued in self.started.pop(key, []):
-                    queued.void = True
-            elif isinstance(effect, SetTrait):
-                self.traits[effect.name] = effect.value
+                for entry in self.started.pop(key, ()):
+                    entry[3].void = True
+            elif kind is SetTrait:
+                trait = cast(SetTrait, effect)
+                self.traits[trait.name] = trait.value
+                self.traits_seen = None
 
     def _start(self, journey_id: str, entry_no: int, start: StartTimer) -> None:
-        timer = PendingTimer(
-            journey_id, entry_no, start.stage, start.epoch, start.transition, start.due_at
+        timer = new_pending_timer(
+            journey_id, entry_no, start.stage, start.epoch, start.transition, start.due_at, None
         )
-        queued = _timer_queued(timer)
-        self.started.setdefault((journey_id, entry_no), []).append(queued)
+        entry = _timer_entry(timer)
+        self.started.setdefault((journey_id, entry_no), []).append(entry)
         if start.due_at <= self.horizon:
-            self.push(queued)
+            heapq.heappush(self.queue, entry)
 
     def outcome(self) -> Outcome:
+        horizon = self.horizon
         pending = tuple(
             queued.item
-            for queued_list in self.started.values()
-            for queued in queued_list
-            if not queued.void
-            and queued.at > self.horizon
-            and isinstance(queued.item, PendingTimer)
+            for entries in self.started.values()
+            for at, _, _, queued in entries
+            if not queued.void and at > horizon and isinstance(queued.item, PendingTimer)
         )
-        return Outcome(
-            lead=Lead(self.traits, self.watermark, self.enrollments),
-            changed=tuple(self.changed.values()),
-            effects=tuple(self.effects),
-            fired=tuple(self.fired),
-            cancelled=frozenset(self.cancelled),
-            timers=pending,
+        return new_outcome(
+            new_lead(self.traits, self.watermark, self.enrollments),
+            tuple(self.changed.values()),
+            tuple(self.effects),
+            tuple(self.fired),
+            frozenset(self.cancelled),
+            pending,
         )
+
+
+# --- positional constructors for the inner loop (see engine/machine/values.py) -------------------
+
+_JOURNEY_EFFECT = slot_setters(JourneyEffect)
+_PENDING_TIMER = slot_setters(PendingTimer)
+_LEAD = slot_setters(Lead)
+_OUTCOME = slot_setters(Outcome)
+_new = object.__new__
+
+
+def new_journey_effect(
+    journey_id: str, entry_no: int, at: datetime, effect: Effect
+) -> JourneyEffect:
+    set_journey_id, set_entry_no, set_at, set_effect = _JOURNEY_EFFECT
+    made = _new(JourneyEffect)
+    set_journey_id(made, journey_id)
+    set_entry_no(made, entry_no)
+    set_at(made, at)
+    set_effect(made, effect)
+    return made
+
+
+def new_pending_timer(
+    journey_id: str,
+    entry_no: int,
+    stage: str,
+    epoch: int,
+    transition: int,
+    due_at: datetime,
+    id: int | None,
+) -> PendingTimer:
+    set_journey_id, set_entry_no, set_stage, set_epoch, set_transition, set_due_at, set_id = (
+        _PENDING_TIMER
+    )
+    made = _new(PendingTimer)
+    set_journey_id(made, journey_id)
+    set_entry_no(made, entry_no)
+    set_stage(made, stage)
+    set_epoch(made, epoch)
+    set_transition(made, transition)
+    set_due_at(made, due_at)
+    set_id(made, id)
+    return made
+
+
+def new_lead(
+    traits: Mapping[str, Any], watermark: datetime | None, enrollments: Mapping[str, Enrollment]
+) -> Lead:
+    set_traits, set_watermark, set_enrollments = _LEAD
+    made = _new(Lead)
+    set_traits(made, traits)
+    set_watermark(made, watermark)
+    set_enrollments(made, enrollments)
+    return made
+
+
+def new_outcome(
+    lead: Lead,
+    changed: tuple[Enrollment, ...],
+    effects: tuple[JourneyEffect, ...],
+    fired: tuple[int, ...],
+    cancelled: frozenset[tuple[str, int]],
+    timers: tuple[PendingTimer, ...],
+) -> Outcome:
+    set_lead, set_changed, set_effects, set_fired, set_cancelled, set_timers = _OUTCOME
+    made = _new(Outcome)
+    set_lead(made, lead)
+    set_changed(made, changed)
+    set_effects(made, effects)
+    set_fired(made, fired)
+    set_cancelled(made, cancelled)
+    set_timers(made, timers)
+    return made

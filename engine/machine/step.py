@@ -3,45 +3,39 @@
 Pure: the journey, the enrollment, the input and `now` in; the new enrollment and
 the effects out. No clock, no database, no network, so the same function runs the
 live engine, the simulator and the property tests.
+
+This is the engine's inner loop, so what a move emits that depends only on the map is
+read from the journey's plan (engine/machine/plan.py), made once per journey, and
+values are made with the positional constructors of engine/machine/values.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Literal
 
-from engine.journey.model import (
-    AfterTimeout,
-    AudienceAdd,
-    AudienceRemove,
-    EmailSend,
-    Journey,
-    OfferGrant,
-    SequenceStart,
-    SequenceStop,
-    Stage,
-    TraitSet,
-    format_duration,
-)
+from engine.journey.model import Journey
+from engine.machine.plan import JourneyPlan, StagePlan, plan_of
 from engine.machine.values import (
-    AddToAudience,
     CancelTimers,
     Cause,
-    ChannelAction,
     Effect,
     Enrollment,
+    EnrollmentState,
     Event,
     Input,
-    ReachGoal,
-    RemoveFromAudience,
-    SetTrait,
-    StartTimer,
     Step,
     TimerFired,
-    Transitioned,
+    new_cause,
+    new_channel_action,
+    new_enrollment,
+    new_reach_goal,
+    new_start_timer,
+    new_step,
+    new_transitioned,
 )
+
+_CANCEL_TIMERS = CancelTimers()  # no fields: one value serves every move
 
 
 def step(journey: Journey, enrollment: Enrollment | None, input: Input, now: datetime) -> Step:
@@ -50,8 +44,8 @@ def step(journey: Journey, enrollment: Enrollment | None, input: Input, now: dat
     An input causes at most one move per journey: entering, leaving, or one transition.
     """
     if isinstance(input, TimerFired):
-        return _on_timer(journey, enrollment, input, now)
-    return _on_event(journey, enrollment, input, now)
+        return _on_timer(plan_of(journey), enrollment, input, now)
+    return _on_event(plan_of(journey), enrollment, input, now)
 
 
 def upgrade(journey: Journey, enrollment: Enrollment, now: datetime) -> Step:
@@ -61,260 +55,263 @@ def upgrade(journey: Journey, enrollment: Enrollment, now: datetime) -> Step:
     the stage entry by the new map's durations (one already overdue fires at `now`).
     A stage that became terminal ends the run there, as entering it would have.
     """
-    stage = journey.stage_by_id.get(enrollment.stage)
+    stage = plan_of(journey).stages.get(enrollment.stage)
     if not enrollment.active or stage is None or enrollment.version == journey.version:
         return Step(enrollment)
     moved = replace(enrollment, version=journey.version, epoch=enrollment.epoch + 1)
     cause = Cause("version", detail=f"version {enrollment.version} to {journey.version}")
+    since = moved.stage_entered_at
     effects: list[Effect] = [
-        CancelTimers(),
-        Transitioned(stage.id, stage.id, now, cause, since=moved.stage_entered_at),
-        *_start_timers(stage, moved, since=moved.stage_entered_at, not_before=now),
+        _CANCEL_TIMERS,
+        new_transitioned(stage.id, stage.id, now, cause, since),
     ]
-    return Step(_finish_if_terminal(journey, moved, now, effects), tuple(effects))
+    _start_timers(stage, moved.epoch, since, now, effects)
+    if stage.terminal:
+        _end_here(stage, moved.epoch, moved.sequences, effects)
+        moved = replace(moved, state="completed", ended_at=now, sequences=())
+    return Step(moved, tuple(effects))
 
 
 def leave(enrollment: Enrollment, now: datetime, cause: Cause) -> Step:
     """End an active enrollment at once: timers void, sequences stopped."""
     effects: list[Effect] = [
-        CancelTimers(),
-        Transitioned(enrollment.stage, None, now, cause, since=enrollment.stage_entered_at),
+        _CANCEL_TIMERS,
+        new_transitioned(enrollment.stage, None, now, cause, enrollment.stage_entered_at),
     ]
-    effects.extend(_stop_sequences(enrollment, "exit"))
-    ended = replace(enrollment, state="exited", ended_at=now, sequences=())
-    return Step(ended, tuple(effects))
+    _stop_sequences(enrollment.sequences, enrollment.epoch, "exit", effects)
+    ended = new_enrollment(
+        enrollment.journey_id,
+        enrollment.version,
+        enrollment.entry_no,
+        enrollment.stage,
+        "exited",
+        enrollment.epoch,
+        enrollment.entered_at,
+        enrollment.stage_entered_at,
+        now,
+        (),
+    )
+    return new_step(ended, tuple(effects))
 
 
 # --- inputs --------------------------------------------------------------------------------------
 
 
-def _on_event(journey: Journey, enrollment: Enrollment | None, event: Event, now: datetime) -> Step:
-    view = event.view
+def _on_event(
+    plan: JourneyPlan, enrollment: Enrollment | None, event: Event, now: datetime
+) -> Step:
+    name = event.name
     effects: list[Effect] = []
-    if enrollment is None or not enrollment.active:
-        if _may_enter(journey, enrollment, event, view, now):
-            entry_no = 1 if enrollment is None else enrollment.entry_no + 1
-            enrollment = _new_enrollment(journey, entry_no, now)
-            cause = _event_cause("entry", event)
-            effects.extend(_enter_stage(journey, journey.first_stage, enrollment, None, now, cause))
-            enrollment = _finish_if_terminal(journey, enrollment, now, effects)
-        if enrollment is not None:
-            effects.extend(_goal(journey, event, view))
-        return Step(enrollment, tuple(effects))
+    if enrollment is None or enrollment.state != "active":
+        if name == plan.entry_on and (
+            (condition := plan.entry_condition) is None or condition(event)
+        ):
+            delay = plan.reentry_delay
+            if enrollment is None or (delay is not None and now >= enrollment.entered_at + delay):
+                enrollment = _arrive(
+                    plan.first,
+                    journey_id=plan.journey_id,
+                    version=plan.version,
+                    entry_no=1 if enrollment is None else enrollment.entry_no + 1,
+                    state="active",
+                    epoch=1,
+                    entered_at=now,
+                    ended_at=None,
+                    from_stage=None,
+                    sequences=(),
+                    since=None,
+                    now=now,
+                    cause=new_cause(
+                        "entry", name, event.message_id, event.timestamp, event.late, None, None
+                    ),
+                    effects=effects,
+                )
+        if enrollment is not None and name == plan.goal_on:
+            _reach_goal(plan, event, effects)
+        return new_step(enrollment, tuple(effects))
 
-    effects.extend(_goal(journey, event, view))
-    for rule in journey.exit:
-        if rule.on == event.name and rule.condition(view):
-            left = leave(enrollment, now, _event_cause("exit", event))
-            return Step(left.enrollment, (*effects, *left.effects, *_leave_audiences(journey)))
-    enrollment = _stop_on(journey, enrollment, event, effects)
-    stage = journey.stage(enrollment.stage)
-    for _, transition in stage.on_event.get(event.name, ()):
-        if transition.condition(view):
-            cause = _event_cause("event", event)
-            return _move(journey, enrollment, transition.to, now, cause, effects)
-    return Step(enrollment, tuple(effects))
+    if name == plan.goal_on:
+        _reach_goal(plan, event, effects)
+    exits = plan.exits.get(name)
+    if exits is not None:
+        for condition in exits:
+            if condition is None or condition(event):
+                cause = new_cause(
+                    "exit", name, event.message_id, event.timestamp, event.late, None, None
+                )
+                left = leave(enrollment, now, cause)
+                return new_step(left.enrollment, (*effects, *left.effects, *plan.leaving))
+    sequences = enrollment.sequences
+    if sequences and (stopped := plan.stoppers.get(name)) is not None:
+        sequences = _stop_on(enrollment, sequences, stopped, effects)
+    for condition, to in plan.stages[enrollment.stage].on_event.get(name, ()):
+        if condition is None or condition(event):
+            cause = new_cause(
+                "event", name, event.message_id, event.timestamp, event.late, None, None
+            )
+            return _move(plan, enrollment, sequences, to, now, cause, effects)
+    if sequences is not enrollment.sequences:
+        enrollment = replace(enrollment, sequences=sequences)
+    return new_step(enrollment, tuple(effects))
 
 
 def _on_timer(
-    journey: Journey, enrollment: Enrollment | None, timer: TimerFired, now: datetime
+    plan: JourneyPlan, enrollment: Enrollment | None, timer: TimerFired, now: datetime
 ) -> Step:
     if (
         enrollment is None
-        or not enrollment.active
+        or enrollment.state != "active"
         or timer.entry_no != enrollment.entry_no
         or timer.epoch != enrollment.epoch
         or timer.stage != enrollment.stage
     ):
-        return Step(enrollment)  # the lead left that stage: the timer is void
-    transition = journey.stage(enrollment.stage).transitions[timer.transition]
-    if not isinstance(transition, AfterTimeout):
-        return Step(enrollment)
-    cause = Cause("timer", timestamp=timer.due_at, after=format_duration(transition.after))
-    return _move(journey, enrollment, transition.to, now, cause, [])
+        return new_step(enrollment, ())  # the lead left that stage: the timer is void
+    timeout = plan.stages[enrollment.stage].transitions[timer.transition]
+    if timeout is None:
+        return new_step(enrollment, ())  # not a timeout of the stage
+    to, after = timeout
+    cause = new_cause("timer", None, None, timer.due_at, False, after, None)
+    return _move(plan, enrollment, enrollment.sequences, to, now, cause, [])
 
 
 # --- moves ---------------------------------------------------------------------------------------
 
 
-def _may_enter(
-    journey: Journey,
-    previous: Enrollment | None,
-    event: Event,
-    view: Mapping[str, Any],
-    now: datetime,
-) -> bool:
-    entry = journey.entry
-    if entry.on != event.name or not entry.condition(view):
-        return False
-    if previous is None:
-        return True
-    delay = entry.reentry_delay
-    return delay is not None and now >= previous.entered_at + delay
-
-
-def _new_enrollment(journey: Journey, entry_no: int, now: datetime) -> Enrollment:
-    return Enrollment(
-        journey_id=journey.id,
-        version=journey.version,
-        entry_no=entry_no,
-        stage=journey.first_stage.id,
-        state="active",
-        epoch=1,
-        entered_at=now,
-        stage_entered_at=now,
-    )
-
-
 def _move(
-    journey: Journey,
+    plan: JourneyPlan,
     enrollment: Enrollment,
+    sequences: tuple[str, ...],
     to: str,
     now: datetime,
     cause: Cause,
     effects: list[Effect],
 ) -> Step:
-    effects.append(CancelTimers())
-    # Spelled out rather than dataclasses.replace, which costs several times more on
-    # the engine's hottest path.
-    moved = Enrollment(
+    effects.append(_CANCEL_TIMERS)
+    moved = _arrive(
+        plan.stages[to],
         journey_id=enrollment.journey_id,
         version=enrollment.version,
         entry_no=enrollment.entry_no,
-        stage=to,
         state=enrollment.state,
         epoch=enrollment.epoch + 1,
         entered_at=enrollment.entered_at,
-        stage_entered_at=now,
         ended_at=enrollment.ended_at,
-        sequences=enrollment.sequences,
+        from_stage=enrollment.stage,
+        sequences=sequences,
+        since=enrollment.stage_entered_at,
+        now=now,
+        cause=cause,
+        effects=effects,
     )
-    stage = journey.stage(to)
-    effects.extend(
-        _enter_stage(
-            journey, stage, moved, enrollment.stage, now, cause, since=enrollment.stage_entered_at
-        )
-    )
-    return Step(_finish_if_terminal(journey, moved, now, effects), tuple(effects))
+    return new_step(moved, tuple(effects))
 
 
-def _enter_stage(
-    journey: Journey,
-    stage: Stage,
-    enrollment: Enrollment,
+def _arrive(
+    stage: StagePlan,
+    *,
+    journey_id: str,
+    version: int,
+    entry_no: int,
+    state: EnrollmentState,
+    epoch: int,
+    entered_at: datetime,
+    ended_at: datetime | None,
     from_stage: str | None,
+    sequences: tuple[str, ...],
+    since: datetime | None,
     now: datetime,
     cause: Cause,
-    since: datetime | None = None,
-) -> list[Effect]:
-    effects: list[Effect] = [Transitioned(from_stage, stage.id, now, cause, since)]
-    for index, action in enumerate(stage.on_enter):
-        key = f"{enrollment.epoch}.{index}"
-        if isinstance(action, AudienceAdd):
-            effects.extend(AddToAudience(name) for name in action.audiences)
-        elif isinstance(action, AudienceRemove):
-            effects.extend(RemoveFromAudience(name) for name in action.audiences)
-        elif isinstance(action, TraitSet):
-            effects.extend(SetTrait(name, value) for name, value in action.traits.items())
-        elif isinstance(action, EmailSend):
-            effects.append(ChannelAction("email.send", action.template, key))
-        elif isinstance(action, SequenceStart):
-            effects.append(ChannelAction("sequence.start", action.sequence, key))
-        elif isinstance(action, SequenceStop):
-            effects.append(ChannelAction("sequence.stop", action.sequence, key))
-        elif isinstance(action, OfferGrant):
-            effects.append(ChannelAction("offer.grant", action.offer, key))
-    effects.extend(_start_timers(stage, enrollment, since=now, not_before=now))
-    return effects
+    effects: list[Effect],
+) -> Enrollment:
+    """Enter `stage` at `now`: the history line, its on_enter actions and its timeouts
+    go to `effects`; a terminal stage ends the run there. The enrollment as it is then."""
+    effects.append(new_transitioned(from_stage, stage.id, now, cause, since))
+    effects.extend(stage.entered(epoch))
+    if stage.timeouts:
+        _start_timers(stage, epoch, now, now, effects)
+    if stage.sequence_changes:
+        sequences = _changed_sequences(sequences, stage.sequence_changes)
+    if stage.terminal:
+        _end_here(stage, epoch, sequences, effects)
+        state, ended_at, sequences = "completed", now, ()
+    return new_enrollment(
+        journey_id,
+        version,
+        entry_no,
+        stage.id,
+        state,
+        epoch,
+        entered_at,
+        now,
+        ended_at,
+        sequences,
+    )
 
 
 def _start_timers(
-    stage: Stage, enrollment: Enrollment, *, since: datetime, not_before: datetime
-) -> list[Effect]:
-    return [
-        StartTimer(stage.id, enrollment.epoch, index, max(since + timeout.after, not_before))
-        for index, timeout in stage.timeouts
-    ]
+    stage: StagePlan, epoch: int, since: datetime, not_before: datetime, effects: list[Effect]
+) -> None:
+    for index, after in stage.timeouts:
+        due = since + after
+        effects.append(
+            new_start_timer(stage.id, epoch, index, not_before if not_before > due else due)
+        )
 
 
-def _with_sequences(enrollment: Enrollment, effects: list[Effect]) -> Enrollment:
-    """The enrollment's running sequences after the channel actions among `effects`."""
-    running = list(enrollment.sequences)
-    for effect in effects:
-        if isinstance(effect, ChannelAction):
-            if effect.action == "sequence.start" and effect.target not in running:
-                running.append(effect.target)
-            elif effect.action == "sequence.stop" and effect.target in running:
-                running.remove(effect.target)
-    if tuple(running) == enrollment.sequences:
-        return enrollment  # most steps start or stop none: no copy
-    return replace(enrollment, sequences=tuple(running))
+def _changed_sequences(
+    sequences: tuple[str, ...], changes: tuple[tuple[bool, str], ...]
+) -> tuple[str, ...]:
+    """The running sequences after entering a stage that starts or stops some."""
+    running = list(sequences)
+    for start, name in changes:
+        if start:
+            if name not in running:
+                running.append(name)
+        elif name in running:
+            running.remove(name)
+    return tuple(running)
 
 
-def _finish_if_terminal(
-    journey: Journey, enrollment: Enrollment, now: datetime, effects: list[Effect]
-) -> Enrollment:
-    """A terminal stage ends the run: the lead leaves the journey there."""
-    enrollment = _with_sequences(enrollment, effects)
-    if not journey.stage(enrollment.stage).terminal:
-        return enrollment
-    effects.extend(_stop_sequences(enrollment, "end"))
-    effects.extend(_leave_audiences(journey, keep=journey.stage(enrollment.stage)))
-    return replace(enrollment, state="completed", ended_at=now, sequences=())
-
-
-def _leave_audiences(journey: Journey, keep: Stage | None = None) -> list[Effect]:
-    """A lead whose run ends leaves the journey's audiences: ads follow the journey. The
-    audiences the final stage itself adds the lead to are kept (a terminal `lost` stage
-    may put the lead in a win-back audience on purpose)."""
-    # Audiences the final stage adds are kept; those it removes are gone already.
-    settled = {
-        name
-        for action in (keep.on_enter if keep is not None else ())
-        if isinstance(action, AudienceAdd | AudienceRemove)
-        for name in action.audiences
-    }
-    return [RemoveFromAudience(name) for name in journey.audiences if name not in settled]
+def _end_here(
+    stage: StagePlan, epoch: int, sequences: tuple[str, ...], effects: list[Effect]
+) -> None:
+    """A terminal stage ends the run: its sequences stop and the lead leaves the
+    journey's audiences but those the stage settles itself (see `StagePlan.leaving`)."""
+    _stop_sequences(sequences, epoch, "end", effects)
+    effects.extend(stage.leaving)
 
 
 def _stop_on(
-    journey: Journey, enrollment: Enrollment, event: Event, effects: list[Effect]
-) -> Enrollment:
+    enrollment: Enrollment,
+    sequences: tuple[str, ...],
+    stopped: frozenset[str],
+    effects: list[Effect],
+) -> tuple[str, ...]:
     """Stop each running sequence that lists the event in `stop_on` (a purchase ends the
-    nurture emails); the event may still move the lead as well."""
-    stopping = [
-        name
-        for name in enrollment.sequences
-        if name in journey.sequences and event.name in journey.sequences[name].stop_on
-    ]
+    nurture emails); the event may still move the lead as well. The sequences left."""
+    stopping = [name for name in sequences if name in stopped]
     if not stopping:
-        return enrollment
+        return sequences
+    epoch = enrollment.epoch
     effects.extend(
-        ChannelAction("sequence.stop", name, f"{enrollment.epoch}.stop.{name}") for name in stopping
+        new_channel_action("sequence.stop", name, f"{epoch}.stop.{name}") for name in stopping
     )
-    running = tuple(name for name in enrollment.sequences if name not in stopping)
-    return replace(enrollment, sequences=running)
+    return tuple(name for name in sequences if name not in stopped)
 
 
-def _stop_sequences(enrollment: Enrollment, why: str) -> list[Effect]:
-    return [
-        ChannelAction("sequence.stop", name, f"{enrollment.epoch}.{why}.{name}")
-        for name in enrollment.sequences
-    ]
-
-
-def _goal(journey: Journey, event: Event, view: Mapping[str, Any]) -> list[Effect]:
-    goal = journey.goal
-    if goal is None or goal.on != event.name or not goal.condition(view):
-        return []
-    return [ReachGoal(event.message_id, event.timestamp, goal.value_of(view))]
-
-
-def _event_cause(kind: Literal["entry", "event", "exit"], event: Event) -> Cause:
-    return Cause(
-        kind,
-        event=event.name,
-        message_id=event.message_id,
-        timestamp=event.timestamp,
-        late=event.late,
+def _stop_sequences(
+    sequences: tuple[str, ...], epoch: int, why: str, effects: list[Effect]
+) -> None:
+    effects.extend(
+        new_channel_action("sequence.stop", name, f"{epoch}.{why}.{name}") for name in sequences
     )
+
+
+def _reach_goal(plan: JourneyPlan, event: Event, effects: list[Effect]) -> None:
+    """A goal event (its name checked by the caller): a deal, when its `where` holds."""
+    goal = plan.goal
+    assert goal is not None  # only a journey with a goal has a goal event
+    condition = plan.goal_condition
+    if condition is None or condition(event):
+        value = goal.value_of(event.view)
+        effects.append(new_reach_goal(event.message_id, event.timestamp, value))

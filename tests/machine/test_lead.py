@@ -606,6 +606,29 @@ def test_lead_whose_stage_is_gone_keeps_running_on_its_old_version() -> None:
     assert driver.path("doors") == ["first_contact", "retargeting", "lost"]
 
 
+def test_entry_event_of_a_new_version_leaves_a_run_on_the_old_one_alone() -> None:
+    v2 = doors(
+        version=2,
+        entry={"on": "catalog_opened"},
+        stages=doors_stages(
+            retargeting=None, first_contact={"transitions": [{"on": "page", "to": "landing"}]}
+        ),
+    )
+    driver = doors_lead()
+    driver.run_until(at(hours=2))
+    driver.book = book_of(DOORS, v2)
+    before = len(driver.log)
+
+    driver.send("catalog_opened", at(hours=3))  # v1 does not listen to it
+
+    assert driver.enrollment("doors").version == 1
+    assert driver.stage("doors") == "retargeting"
+    assert len(driver.log) == before
+    newcomer = Driver(driver.book)
+    newcomer.send("catalog_opened", at(hours=3))
+    assert newcomer.enrollment("doors").version == 2
+
+
 def test_new_leads_enter_the_current_version() -> None:
     driver = Driver(book_of(DOORS, V2))
 
