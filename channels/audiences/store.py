@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, and_, bindparam, case, exists, func, select, type_coerce, update
+from sqlalchemy import BigInteger, and_, case, exists, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import upsert
+from engine.db.queries import execute_rows, upsert
 from engine.db.schema import audience_members, counters, leads, suppressions
 from engine.db.types import Instant
 from engine.journey.model import Journey
@@ -62,19 +62,12 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
         .returning(counters.c.value)
     )
     first = int(top or 0) - len(changed) + 1
-    # One executemany, not a statement per row: the counter stays locked until commit.
-    await connection.execute(
-        update(audience_members)
-        .where(
-            audience_members.c.audience == bindparam("m_audience"),
-            audience_members.c.lead_id == bindparam("m_lead"),
-            audience_members.c.seq.is_(None),
-        )
-        .values(seq=bindparam("m_seq")),
-        [
-            {"m_audience": row.audience, "m_lead": row.lead_id, "m_seq": number}
-            for number, row in enumerate(changed, start=first)
-        ],
+    # One executemany of plain rows: the counter stays locked until commit, and workers
+    # adding to these memberships wait for their row locks as long.
+    await execute_rows(
+        connection,
+        "UPDATE audience_members SET seq = ? WHERE audience = ? AND lead_id = ? AND seq IS NULL",
+        [(number, row.audience, row.lead_id) for number, row in enumerate(changed, start=first)],
     )
     return len(changed)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.offers.codes import make_code
-from engine.db.queries import OUTBOX_PENDING, mark_outbox_dispatched, upsert
+from engine.db.queries import OUTBOX_PENDING, among, chunks, mark_outbox_dispatched, upsert
 from engine.db.schema import enrollments, offer_codes, outbox
 from engine.ingest.internal import emit
 from engine.journey.model import MAX_CODE_LENGTH, Journey
@@ -48,32 +48,49 @@ async def grant_offers(
     """Grant codes for up to `limit` pending `offer.grant` effects, in the caller's
     transaction; returns how many effects were handled."""
     claimed = await _claim_pending_grants(connection, limit)
+    held = await _held_offers(connection, {row.lead_id for row in claimed})
+    grants: list[_Grant] = []
     for row in claimed:
         journey = _journey(book, row.journey_id, row.version)
         offer = journey.offers.get(row.target) if journey is not None else None
         if offer is None:
             log.error("offer %s of %s is unknown here: not granted", row.target, row.journey_id)
             continue
-        if await _held(connection, row.lead_id, row.journey_id, row.target):
+        key = (row.lead_id, row.journey_id, row.target)
+        if key in held:
             continue  # granting again gives the same code while it can still be used
+        held.add(key)
         expires_at = offer.expires.at or now + (offer.expires.after or timedelta(0))
-        code = await _insert_unique(connection, row, offer.code, now, expires_at)
-        await bump_offer(connection, row.journey_id, day_of(now), row.target, "granted")
+        grants.append(_Grant(row, offer.code, expires_at))
+    codes = await _insert_unique(connection, grants, now)
+    for grant, code in zip(grants, codes, strict=True):
         await emit(
             connection,
-            lead_id=row.lead_id,
+            lead_id=grant.row.lead_id,
             name="offer.granted",
             properties={
-                "offer": row.target,
+                "offer": grant.row.target,
                 "code": code,
-                "journey": row.journey_id,
-                "expires_at": expires_at.isoformat(),
+                "journey": grant.row.journey_id,
+                "expires_at": grant.expires_at.isoformat(),
             },
             at=now,
             key=f"offer.granted:{code}",
         )
     await mark_outbox_dispatched(connection, [row.id for row in claimed], now)
+    # Counted last, in key order: concurrent granters hold the counter rows only for
+    # the end of their transactions, and always take them in the same order.
+    granted = Counter((grant.row.journey_id, grant.row.target) for grant in grants)
+    for (journey_id, offer_name), count in sorted(granted.items()):
+        await bump_offer(connection, journey_id, day_of(now), offer_name, "granted", count)
     return len(claimed)
+
+
+@dataclass(frozen=True)
+class _Grant:
+    row: Any  # the outbox effect, with the journey version
+    pattern: str
+    expires_at: datetime
 
 
 async def expire_offers(connection: AsyncConnection, now: datetime, limit: int = BATCH) -> int:
@@ -94,9 +111,6 @@ async def expire_offers(connection: AsyncConnection, now: datetime, limit: int =
         .where(offer_codes.c.id.in_([row.id for row in due]))
         .values(status=EXPIRED, expired_at=now)
     )
-    expired = Counter((row.journey_id, day_of(row.granted_at), row.offer) for row in due)
-    for (journey_id, day, offer), count in sorted(expired.items()):
-        await bump_offer(connection, journey_id, day, offer, "expired", count)
     for row in due:
         await emit(
             connection,
@@ -107,6 +121,10 @@ async def expire_offers(connection: AsyncConnection, now: datetime, limit: int =
             at=row.expires_at,
             key=f"offer.expired:{row.code}",
         )
+    # Counted last, in key order, as grants are.
+    expired = Counter((row.journey_id, day_of(row.granted_at), row.offer) for row in due)
+    for (journey_id, day, offer), count in sorted(expired.items()):
+        await bump_offer(connection, journey_id, day, offer, "expired", count)
     return len(due)
 
 
@@ -251,44 +269,70 @@ async def _claim_pending_grants(connection: AsyncConnection, limit: int) -> list
     return list(result)
 
 
-async def _held(connection: AsyncConnection, lead_id: int, journey_id: str, offer: str) -> bool:
-    """Whether the lead holds a code of this offer it can still use. One that expired or
-    was redeemed does not count: a lead back in the journey gets a new one."""
-    found = await connection.scalar(
-        select(offer_codes.c.id).where(
-            offer_codes.c.lead_id == lead_id,
-            offer_codes.c.journey_id == journey_id,
-            offer_codes.c.offer == offer,
-            offer_codes.c.status == GRANTED,
+async def _held_offers(
+    connection: AsyncConnection, lead_ids: Collection[int]
+) -> set[tuple[int, str, str]]:
+    """(lead, journey, offer) of each code these leads hold and can still use. One that
+    expired or was redeemed does not count: a lead back in the journey gets a new one."""
+    held: set[tuple[int, str, str]] = set()
+    for part in chunks(sorted(lead_ids)):
+        result = await connection.execute(
+            select(offer_codes.c.lead_id, offer_codes.c.journey_id, offer_codes.c.offer).where(
+                among(connection, offer_codes.c.lead_id, part), offer_codes.c.status == GRANTED
+            )
         )
-    )
-    return found is not None
+        held.update((row.lead_id, row.journey_id, row.offer) for row in result)
+    return held
+
+
+# Codes inserted per statement: a multi-row INSERT, so that RETURNING says which were free.
+CODES_PER_INSERT = 1_000
 
 
 async def _insert_unique(
-    connection: AsyncConnection, grant: Any, pattern: str, now: datetime, expires_at: datetime
-) -> str:
+    connection: AsyncConnection, grants: Sequence[_Grant], now: datetime
+) -> list[str]:
+    """Insert a fresh code for each grant; the codes, in the order of `grants`. A code
+    taken already (or drawn twice in the batch) is drawn again, up to CODE_TRIES times."""
+    codes: list[str | None] = [None] * len(grants)
+    waiting = list(range(len(grants)))
     for _ in range(CODE_TRIES):
-        code = make_code(pattern)
-        inserted = await connection.execute(
-            upsert(connection, offer_codes)
-            .values(
-                code=code,
-                lead_id=grant.lead_id,
-                enrollment_id=grant.enrollment_id,
-                journey_id=grant.journey_id,
-                offer=grant.target,
-                status=GRANTED,
-                granted_at=now,
-                expires_at=expires_at,
-                refused=0,
+        if not waiting:
+            break
+        drawn: dict[str, int] = {}
+        for index in waiting:
+            drawn.setdefault(make_code(grants[index].pattern), index)
+        rows = [
+            {
+                "code": code,
+                "lead_id": grants[index].row.lead_id,
+                "enrollment_id": grants[index].row.enrollment_id,
+                "journey_id": grants[index].row.journey_id,
+                "offer": grants[index].row.target,
+                "status": GRANTED,
+                "granted_at": now,
+                "expires_at": grants[index].expires_at,
+                "refused": 0,
+            }
+            for code, index in drawn.items()
+        ]
+        inserted: set[str] = set()
+        for part in chunks(rows, CODES_PER_INSERT):
+            inserted.update(
+                await connection.scalars(
+                    upsert(connection, offer_codes)
+                    .values(list(part))
+                    .on_conflict_do_nothing(index_elements=["code"])
+                    .returning(offer_codes.c.code)
+                )
             )
-            .on_conflict_do_nothing(index_elements=["code"])
-            .returning(offer_codes.c.id)
-        )
-        if inserted.first() is not None:
-            return code
-    raise RuntimeError(f"no free code for {pattern!r} after {CODE_TRIES} tries: lengthen it")
+        for code in inserted:
+            codes[drawn[code]] = code
+        waiting = [index for index in waiting if codes[index] is None]
+    if waiting:
+        pattern = grants[waiting[0]].pattern
+        raise RuntimeError(f"no free code for {pattern!r} after {CODE_TRIES} tries: lengthen it")
+    return [code for code in codes if code is not None]
 
 
 async def _lock_code(connection: AsyncConnection, code: str) -> Any | None:

@@ -9,11 +9,14 @@ locking clause: there the writer connection's `BEGIN IMMEDIATE` serializes all w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, delete, func, insert, select, update
+import orjson
+from sqlalchemy import BigInteger, ColumnElement, Select, any_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,15 +25,14 @@ from engine.db.schema import (
     emails,
     enrollments,
     events,
-    goals,
     identities,
     leads,
     offer_codes,
     outbox,
     sequence_runs,
     timers,
-    transitions,
 )
+from engine.db.types import to_micros
 
 # Candidate leads are read from a window of the oldest pending work this many times
 # larger than the claim, so that workers skipping each other's locked leads still fill
@@ -52,6 +54,78 @@ def upsert(connection: AsyncConnection, table: Any) -> postgresql.Insert | sqlit
     if connection.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+# --- rows straight to the driver ----------------------------------------------------------------
+#
+# The worker writes thousands of rows per batch. Built as SQLAlchemy statements, each row
+# costs its parameter processing in Python; the hot writes below are plain SQL run by the
+# driver on rows made tuples once, with the column types' conversions done here: an
+# instant as integer microseconds (as `Instant` stores it), JSON as the same text the
+# engine's serializer gives. What is stored, and read back, is the same either way.
+
+
+@lru_cache(maxsize=256)
+def _in_driver_style(dialect: str, statement: str) -> str:
+    if dialect != "postgresql":
+        return statement  # qmark: sqlite3's own style
+    numbers = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(numbers)}", statement)
+
+
+def driver_sql(connection: AsyncConnection, statement: str) -> str:
+    """`statement`, written with `?` placeholders, in the driver's parameter style."""
+    return _in_driver_style(connection.dialect.name, statement)
+
+
+async def execute_rows(
+    connection: AsyncConnection, statement: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Run `statement` (`?` placeholders) once per row, in one executemany."""
+    if rows:
+        await connection.exec_driver_sql(driver_sql(connection, statement), list(rows))
+
+
+def micros(moment: datetime | None) -> int | None:
+    """An instant as `Instant` stores it."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime given to an Instant column")
+    return to_micros(moment)
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's value as the engine's serializer writes it."""
+    return orjson.dumps(value).decode()
+
+
+async def _where_id_in(
+    connection: AsyncConnection, statement: str, head: Sequence[Any], ids: Sequence[int]
+) -> int:
+    """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
+    in chunks, with the parameters `head` first; how many rows it changed."""
+    changed = 0
+    for part in chunks(ids):
+        if connection.dialect.name == "postgresql":
+            # One array parameter: one prepared statement whatever the count.
+            sql = statement.format(ids="SELECT unnest(?::bigint[])")
+            parameters: tuple[Any, ...] = (*head, list(part))
+        else:
+            sql = statement.format(ids=",".join("?" * len(part)))
+            parameters = (*head, *part)
+        result = await connection.exec_driver_sql(driver_sql(connection, sql), parameters)
+        changed += result.rowcount
+    return changed
+
+
+def among(connection: AsyncConnection, column: Any, ids: Collection[int]) -> ColumnElement[bool]:
+    """`column IN ids`. On PostgreSQL `column = ANY(array)`: one parameter, so one
+    prepared statement whatever the count, and no bound value rendered per id."""
+    if connection.dialect.name == "postgresql":
+        array = bindparam(None, list(ids), type_=postgresql.ARRAY(BigInteger))
+        return column == any_(array)  # type: ignore[no-any-return]
+    return column.in_(ids)  # type: ignore[no-any-return]
 
 
 # --- claims --------------------------------------------------------------------------------------
@@ -156,7 +230,9 @@ async def select_survivors(
     for _ in range(MAX_MERGE_DEPTH):
         if not wanted:
             break
-        result = await connection.execute(select(leads).where(leads.c.id.in_(wanted)))
+        result = await connection.execute(
+            select(leads).where(among(connection, leads.c.id, wanted))
+        )
         rows.update((row.id, row) for row in result)
         wanted = {
             row.merged_into
@@ -190,7 +266,7 @@ async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> li
                     leads.c.merged_into,
                     leads.c.first_source,
                     leads.c.first_source_at,
-                ).where(leads.c.id.in_(part))
+                ).where(among(connection, leads.c.id, part))
             )
         )
     return rows
@@ -200,23 +276,23 @@ async def load_pending_events(
     connection: AsyncConnection, lead_ids: Sequence[int], limit: int
 ) -> list[Any]:
     """Pending events of the leads, each lead's in timestamp then arrival order."""
-    query = (
-        select(
-            events.c.id,
-            events.c.lead_id,
-            events.c.name,
-            events.c.timestamp,
-            events.c.message_id,
-            events.c.data,
-        )
-        .where(events.c.lead_id.in_(bindparam("ids", expanding=True)))
-        .where(events.c.processed_at.is_(None))
-        .order_by(events.c.lead_id, events.c.timestamp, events.c.id)
-        .limit(limit)
-    )
     rows: list[Any] = []
     for part in chunks(lead_ids):
-        rows.extend(await connection.execute(query, {"ids": list(part)}))
+        query = (
+            select(
+                events.c.id,
+                events.c.lead_id,
+                events.c.name,
+                events.c.timestamp,
+                events.c.message_id,
+                events.c.data,
+            )
+            .where(among(connection, events.c.lead_id, part))
+            .where(events.c.processed_at.is_(None))
+            .order_by(events.c.lead_id, events.c.timestamp, events.c.id)
+            .limit(limit)
+        )
+        rows.extend(await connection.execute(query))
     return rows
 
 
@@ -238,7 +314,7 @@ async def load_due_timers(
                     enrollments.c.entry_no,
                 )
                 .join(enrollments, enrollments.c.id == timers.c.enrollment_id)
-                .where(timers.c.lead_id.in_(part), timers.c.due_at <= now)
+                .where(among(connection, timers.c.lead_id, part), timers.c.due_at <= now)
             )
         )
     return rows
@@ -248,7 +324,9 @@ async def load_enrollments(connection: AsyncConnection, lead_ids: Sequence[int])
     rows: list[Any] = []
     for part in chunks(lead_ids):
         rows.extend(
-            await connection.execute(select(enrollments).where(enrollments.c.lead_id.in_(part)))
+            await connection.execute(
+                select(enrollments).where(among(connection, enrollments.c.lead_id, part))
+            )
         )
     return rows
 
@@ -269,7 +347,7 @@ async def merges_pending(
                 select(
                     events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
                 ).where(
-                    events.c.lead_id.in_(part),
+                    among(connection, events.c.lead_id, part),
                     events.c.processed_at.is_(None),
                     events.c.merge_lead_id.is_not(None),
                 )
@@ -280,7 +358,7 @@ async def merges_pending(
     live = set(
         await connection.scalars(
             select(leads.c.id).where(
-                leads.c.id.in_(sorted({row.lead_id for row in found})),
+                among(connection, leads.c.id, sorted({row.lead_id for row in found})),
                 leads.c.merged_into.is_(None),
             )
         )
@@ -303,14 +381,13 @@ class AlreadyProcessed(RuntimeError):
 async def mark_processed(
     connection: AsyncConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
 ) -> None:
-    marked = 0
-    for part in chunks(event_ids):
-        result = await connection.execute(
-            update(events)
-            .where(events.c.id.in_(part), events.c.processed_at.is_(None))
-            .values(processed_at=now, error=error)
-        )
-        marked += result.rowcount
+    marked = await _where_id_in(
+        connection,
+        "UPDATE events SET processed_at = ?, error = ?"
+        " WHERE processed_at IS NULL AND id IN ({ids})",
+        (micros(now), error),
+        event_ids,
+    )
     if marked != len(event_ids):
         raise AlreadyProcessed(f"{len(event_ids) - marked} events were processed meanwhile")
 
@@ -332,45 +409,94 @@ async def _update_by_id(
     )
 
 
-async def update_leads(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """rows: {id, traits, email, watermark, first_source, first_source_at, updated_at}."""
-    columns = ("traits", "email", "watermark", "first_source", "first_source_at", "updated_at")
-    await _update_by_id(connection, leads, columns, rows)
+# (id, traits, email, watermark, first_source, first_source_at, updated_at)
+LeadUpdate = tuple[
+    int, dict[str, Any], str | None, datetime | None, str | None, datetime | None, datetime
+]
 
 
-async def insert_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+async def update_leads(connection: AsyncConnection, rows: Sequence[LeadUpdate]) -> None:
+    await execute_rows(
+        connection,
+        "UPDATE leads SET traits = ?, email = ?, watermark = ?, first_source = ?,"
+        " first_source_at = ?, updated_at = ? WHERE id = ?",
+        [
+            (
+                json_text(traits),
+                email,
+                micros(watermark),
+                first_source,
+                micros(first_source_at),
+                micros(updated_at),
+                lead_id,
+            )
+            for lead_id, traits, email, watermark, first_source, first_source_at, updated_at in rows
+        ],
+    )
+
+
+# (lead_id, journey_id, entry_no, version, stage, state, epoch, entered_at,
+#  stage_entered_at, ended_at, sequences)
+NewEnrollment = tuple[
+    int, str, int, int, str, str, int, datetime, datetime, datetime | None, Sequence[str]
+]
+
+
+async def insert_enrollments(
+    connection: AsyncConnection, rows: Sequence[NewEnrollment]
+) -> list[int]:
     """The new rows' ids, in the order given.
 
     Inserted in one executemany, then read back by their unique key (lead, journey,
-    entry number): RETURNING in parameter order would make SQLAlchemy insert one row
-    per statement on SQLite, ten times slower.
+    entry number): RETURNING in parameter order would take one statement per row.
     """
     if not rows:
         return []
-    await connection.execute(insert(enrollments), rows)
+    await execute_rows(
+        connection,
+        "INSERT INTO enrollments (lead_id, journey_id, entry_no, version, stage, state, epoch,"
+        " entered_at, stage_entered_at, ended_at, sequences) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (
+                lead_id,
+                journey_id,
+                entry_no,
+                version,
+                stage,
+                state,
+                epoch,
+                micros(entered_at),
+                micros(stage_entered_at),
+                micros(ended_at),
+                json_text(list(sequences)),
+            )
+            for (
+                lead_id,
+                journey_id,
+                entry_no,
+                version,
+                stage,
+                state,
+                epoch,
+                entered_at,
+                stage_entered_at,
+                ended_at,
+                sequences,
+            ) in rows
+        ],
+    )
     ids: dict[tuple[int, str, int], int] = {}
-    for part in chunks(sorted({row["lead_id"] for row in rows})):
+    for part in chunks(sorted({row[0] for row in rows})):
         result = await connection.execute(
             select(
                 enrollments.c.id,
                 enrollments.c.lead_id,
                 enrollments.c.journey_id,
                 enrollments.c.entry_no,
-            ).where(enrollments.c.lead_id.in_(part))
+            ).where(among(connection, enrollments.c.lead_id, part))
         )
         ids.update(((row.lead_id, row.journey_id, row.entry_no), row.id) for row in result)
-    return [ids[(row["lead_id"], row["journey_id"], row["entry_no"])] for row in rows]
-
-
-ENROLLMENT_CHANGES = (
-    "version",
-    "stage",
-    "state",
-    "epoch",
-    "stage_entered_at",
-    "ended_at",
-    "sequences",
-)
+    return [ids[(row[0], row[1], row[2])] for row in rows]
 
 
 async def update_entry_numbers(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -378,43 +504,94 @@ async def update_entry_numbers(connection: AsyncConnection, rows: list[dict[str,
     await _update_by_id(connection, enrollments, ("entry_no",), rows)
 
 
-async def update_enrollments(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """rows: {id, and each of ENROLLMENT_CHANGES}."""
-    await _update_by_id(connection, enrollments, ENROLLMENT_CHANGES, rows)
+# (id, version, stage, state, epoch, stage_entered_at, ended_at, sequences)
+EnrollmentUpdate = tuple[int, int, str, str, int, datetime, datetime | None, Sequence[str]]
 
 
-async def insert_rows(connection: AsyncConnection, table: Any, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await connection.execute(insert(table), rows)
+async def update_enrollments(connection: AsyncConnection, rows: Sequence[EnrollmentUpdate]) -> None:
+    await execute_rows(
+        connection,
+        "UPDATE enrollments SET version = ?, stage = ?, state = ?, epoch = ?,"
+        " stage_entered_at = ?, ended_at = ?, sequences = ? WHERE id = ?",
+        [
+            (
+                version,
+                stage,
+                state,
+                epoch,
+                micros(stage_entered_at),
+                micros(ended_at),
+                json_text(list(sequences)),
+                row_id,
+            )
+            for row_id, version, stage, state, epoch, stage_entered_at, ended_at, sequences in rows
+        ],
+    )
 
 
-async def insert_transitions(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await insert_rows(connection, transitions, rows)
+# (enrollment_id, journey_id, from_stage, to_stage, at, cause)
+NewTransition = tuple[int, str, str | None, str | None, datetime, dict[str, Any]]
 
 
-async def insert_goals(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await insert_rows(connection, goals, rows)
+async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTransition]) -> None:
+    await execute_rows(
+        connection,
+        "INSERT INTO transitions (enrollment_id, journey_id, from_stage, to_stage, at, cause)"
+        " VALUES (?,?,?,?,?,?)",
+        [
+            (enrollment_id, journey_id, from_stage, to_stage, micros(at), json_text(cause))
+            for enrollment_id, journey_id, from_stage, to_stage, at, cause in rows
+        ],
+    )
 
 
-async def insert_timers(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await insert_rows(connection, timers, rows)
+# (enrollment_id, journey_id, message_id, at, value)
+NewGoal = tuple[int, str, str, datetime, float | None]
+
+
+async def insert_goals(connection: AsyncConnection, rows: Sequence[NewGoal]) -> None:
+    await execute_rows(
+        connection,
+        "INSERT INTO goals (enrollment_id, journey_id, message_id, at, value) VALUES (?,?,?,?,?)",
+        [
+            (enrollment_id, journey_id, message_id, micros(at), value)
+            for enrollment_id, journey_id, message_id, at, value in rows
+        ],
+    )
+
+
+# (due_at, lead_id, enrollment_id, stage, epoch, transition)
+NewTimer = tuple[datetime, int, int, str, int, int]
+
+
+async def insert_timers(connection: AsyncConnection, rows: Sequence[NewTimer]) -> None:
+    await execute_rows(
+        connection,
+        "INSERT INTO timers (due_at, lead_id, enrollment_id, stage, epoch, transition)"
+        " VALUES (?,?,?,?,?,?)",
+        [
+            (micros(due_at), lead_id, enrollment_id, stage, epoch, transition)
+            for due_at, lead_id, enrollment_id, stage, epoch, transition in rows
+        ],
+    )
 
 
 async def delete_timers(connection: AsyncConnection, timer_ids: Sequence[int]) -> None:
-    for part in chunks(timer_ids):
-        await connection.execute(delete(timers).where(timers.c.id.in_(part)))
+    await _where_id_in(connection, "DELETE FROM timers WHERE id IN ({ids})", (), timer_ids)
 
 
 async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> None:
-    for part in chunks(enrollment_ids):
-        await connection.execute(delete(timers).where(timers.c.enrollment_id.in_(part)))
+    await _where_id_in(
+        connection, "DELETE FROM timers WHERE enrollment_id IN ({ids})", (), enrollment_ids
+    )
 
 
 async def postpone_timers(
     connection: AsyncConnection, timer_ids: Sequence[int], due_at: datetime
 ) -> None:
-    for part in chunks(timer_ids):
-        await connection.execute(update(timers).where(timers.c.id.in_(part)).values(due_at=due_at))
+    await _where_id_in(
+        connection, "UPDATE timers SET due_at = ? WHERE id IN ({ids})", (micros(due_at),), timer_ids
+    )
 
 
 async def mark_outbox_dispatched(
@@ -429,69 +606,67 @@ async def mark_outbox_dispatched(
         )
 
 
-async def insert_outbox(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Channel actions; one that ran already for its idempotency key is ignored."""
-    if rows:
-        statement = upsert(connection, outbox).on_conflict_do_nothing(
-            index_elements=["idempotency_key"]
-        )
-        await connection.execute(statement, rows)
+# (idempotency_key, lead_id, enrollment_id, journey_id, action, target, at)
+NewChannelAction = tuple[str, int, int, str, str, str, datetime]
 
 
-async def add_to_audiences(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """rows: {audience, lead_id, journey_id, added_at, removed_at}. A current member keeps
-    its original add time; a former member is added again from now."""
-    if not rows:
-        return
-    statement = upsert(connection, audience_members)
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        index_elements=["audience", "lead_id"],
-        set_={
-            "journey_id": excluded.journey_id,
-            # A current member keeps the time it joined.
-            "added_at": case(
-                (audience_members.c.removed_at.is_(None), audience_members.c.added_at),
-                else_=excluded.added_at,
-            ),
-            "removed_at": excluded.removed_at,
-            # Unchanged for the exports only if it was and stays a member; a former
-            # member back, or a member added and removed in one batch, is a change.
-            "seq": case(
-                (
-                    and_(audience_members.c.removed_at.is_(None), excluded.removed_at.is_(None)),
-                    audience_members.c.seq,
-                ),
-                else_=None,
-            ),
-            "erased": None,
-        },
+async def insert_outbox(connection: AsyncConnection, rows: Sequence[NewChannelAction]) -> None:
+    """Channel actions, pending; one that ran already for its idempotency key is ignored."""
+    await execute_rows(
+        connection,
+        "INSERT INTO outbox (idempotency_key, lead_id, enrollment_id, journey_id, action,"
+        " target, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT (idempotency_key) DO NOTHING",
+        [
+            (key, lead_id, enrollment_id, journey_id, action, target, OUTBOX_PENDING, at, at)
+            for key, lead_id, enrollment_id, journey_id, action, target, moment in rows
+            for at in (micros(moment),)
+        ],
     )
-    await connection.execute(statement, rows)
 
 
-async def remove_from_audiences(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """rows: {audience, lead_id, removed_at}; only current members are removed."""
-    if rows:
-        await connection.execute(
-            update(audience_members)
-            .where(
-                and_(
-                    audience_members.c.audience == bindparam("a_audience"),
-                    audience_members.c.lead_id == bindparam("a_lead"),
-                    audience_members.c.removed_at.is_(None),
-                )
-            )
-            .values(removed_at=bindparam("a_removed_at"), seq=None),
-            [
-                {
-                    "a_audience": row["audience"],
-                    "a_lead": row["lead_id"],
-                    "a_removed_at": row["removed_at"],
-                }
-                for row in rows
-            ],
-        )
+# (audience, lead_id, journey_id, added_at, removed_at)
+AudienceAdd = tuple[str, int, str, datetime, datetime | None]
+
+
+async def add_to_audiences(connection: AsyncConnection, rows: Sequence[AudienceAdd]) -> None:
+    """A current member keeps its original add time; a former member is added again from
+    its new add time. The row is marked changed for the exports (`seq` null) unless it
+    was and stays a member; a former member back, or one added and removed in one
+    batch, is a change."""
+    await execute_rows(
+        connection,
+        "INSERT INTO audience_members (audience, lead_id, journey_id, added_at, removed_at)"
+        " VALUES (?,?,?,?,?)"
+        " ON CONFLICT (audience, lead_id) DO UPDATE SET"
+        " journey_id = excluded.journey_id,"
+        " added_at = CASE WHEN audience_members.removed_at IS NULL"
+        " THEN audience_members.added_at ELSE excluded.added_at END,"
+        " removed_at = excluded.removed_at,"
+        " seq = CASE WHEN audience_members.removed_at IS NULL AND excluded.removed_at IS NULL"
+        " THEN audience_members.seq END,"
+        " erased = NULL",
+        [
+            (audience, lead_id, journey_id, micros(added_at), micros(removed_at))
+            for audience, lead_id, journey_id, added_at, removed_at in rows
+        ],
+    )
+
+
+# (audience, lead_id, removed_at)
+AudienceRemoval = tuple[str, int, datetime]
+
+
+async def remove_from_audiences(
+    connection: AsyncConnection, rows: Sequence[AudienceRemoval]
+) -> None:
+    """Only current members are removed."""
+    await execute_rows(
+        connection,
+        "UPDATE audience_members SET removed_at = ?, seq = NULL"
+        " WHERE audience = ? AND lead_id = ? AND removed_at IS NULL",
+        [(micros(removed_at), audience, lead_id) for audience, lead_id, removed_at in rows],
+    )
 
 
 async def forward_to_survivor(connection: AsyncConnection, absorbed: int, survivor: int) -> None:

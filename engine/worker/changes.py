@@ -61,7 +61,7 @@ class Changes:
         self.kpis = kpis
         self.sources: dict[int, str] = {}  # each lead's first-touch source after the batch
         self.sources_moved: set[int] = set()  # leads whose first touch this batch changed
-        self.leads: list[dict[str, Any]] = []
+        self.leads: list[queries.LeadUpdate] = []
         self.enrollments: dict[EnrollmentKey, Enrollment] = {}
         self.effects: list[tuple[int, JourneyEffect]] = []
         self.timers: list[tuple[int, PendingTimer]] = []
@@ -83,15 +83,15 @@ class Changes:
     ) -> None:
         traits = dict(outcome.lead.traits)
         self.leads.append(
-            {
-                "id": lead_id,
-                "traits": traits,
-                "email": _email_of(traits),
-                "watermark": outcome.lead.watermark,
-                "first_source": first_touch.source,
-                "first_source_at": first_touch.at,
-                "updated_at": self.now,
-            }
+            (
+                lead_id,
+                traits,
+                _email_of(traits),
+                outcome.lead.watermark,
+                first_touch.source,
+                first_touch.at,
+                self.now,
+            )
         )
         self.sources[lead_id] = first_touch.source or ""
         if first_touch_moved:
@@ -115,80 +115,61 @@ class Changes:
     async def write(self, connection: AsyncConnection) -> None:
         await self._write_enrollments(connection)
         ids = self.enrollment_ids
-        transitions: list[dict[str, Any]] = []
-        outbox: list[dict[str, Any]] = []
-        goals: list[dict[str, Any]] = []
+        transitions: list[queries.NewTransition] = []
+        outbox: list[queries.NewChannelAction] = []
+        goals: list[queries.NewGoal] = []
         # The last audience change per (audience, lead) wins; an add and remove in one
         # batch still leaves both times on the membership.
-        audiences: dict[tuple[str, int], dict[str, Any]] = {}
+        added: dict[tuple[str, int], queries.AudienceAdd] = {}
+        removed: dict[tuple[str, int], queries.AudienceRemoval] = {}
         for lead_id, item in self.effects:
             enrollment_id = ids[(lead_id, item.journey_id, item.entry_no)]
             effect = item.effect
             if isinstance(effect, Transitioned):
                 transitions.append(
-                    {
-                        "enrollment_id": enrollment_id,
-                        "journey_id": item.journey_id,
-                        "from_stage": effect.from_stage,
-                        "to_stage": effect.to_stage,
-                        "at": effect.at,
-                        "cause": effect.cause.as_dict(),
-                    }
+                    (
+                        enrollment_id,
+                        item.journey_id,
+                        effect.from_stage,
+                        effect.to_stage,
+                        effect.at,
+                        effect.cause.as_dict(),
+                    )
                 )
             elif isinstance(effect, ChannelAction):
                 outbox.append(
-                    {
-                        "idempotency_key": f"{enrollment_id}/{effect.key}",
-                        "lead_id": lead_id,
-                        "enrollment_id": enrollment_id,
-                        "journey_id": item.journey_id,
-                        "action": effect.action,
-                        "target": effect.target,
-                        "status": queries.OUTBOX_PENDING,
-                        "created_at": item.at,
-                        "updated_at": item.at,
-                    }
+                    (
+                        f"{enrollment_id}/{effect.key}",
+                        lead_id,
+                        enrollment_id,
+                        item.journey_id,
+                        effect.action,
+                        effect.target,
+                        item.at,
+                    )
                 )
             elif isinstance(effect, ReachGoal):
                 goals.append(
-                    {
-                        "enrollment_id": enrollment_id,
-                        "journey_id": item.journey_id,
-                        "message_id": effect.message_id,
-                        "at": effect.at,
-                        "value": effect.value,
-                    }
+                    (enrollment_id, item.journey_id, effect.message_id, effect.at, effect.value)
                 )
             elif isinstance(effect, AddToAudience):
-                audiences[(effect.audience, lead_id)] = {
-                    "audience": effect.audience,
-                    "lead_id": lead_id,
-                    "journey_id": item.journey_id,
-                    "added_at": item.at,
-                    "removed_at": None,
-                }
+                key = (effect.audience, lead_id)
+                removed.pop(key, None)
+                added[key] = (effect.audience, lead_id, item.journey_id, item.at, None)
             elif isinstance(effect, RemoveFromAudience):
                 key = (effect.audience, lead_id)
-                added = audiences.get(key)
-                if added is not None:
-                    added["removed_at"] = item.at
+                joined = added.get(key)
+                if joined is not None:
+                    added[key] = (*joined[:4], item.at)
                 else:
-                    audiences[key] = {
-                        "audience": effect.audience,
-                        "lead_id": lead_id,
-                        "removed_at": item.at,
-                    }
+                    removed[key] = (effect.audience, lead_id, item.at)
 
         await queries.update_leads(connection, self.leads)
         await queries.insert_transitions(connection, transitions)
         await queries.insert_outbox(connection, outbox)
         await queries.insert_goals(connection, goals)
-        await queries.add_to_audiences(
-            connection, [row for row in audiences.values() if "added_at" in row]
-        )
-        await queries.remove_from_audiences(
-            connection, [row for row in audiences.values() if "added_at" not in row]
-        )
+        await queries.add_to_audiences(connection, list(added.values()))
+        await queries.remove_from_audiences(connection, list(removed.values()))
         await queries.delete_timers(connection, self.fired)
         await queries.delete_timers_of(
             connection, [ids[key] for key in self.cancelled if key in ids]
@@ -196,14 +177,14 @@ class Changes:
         await queries.insert_timers(
             connection,
             [
-                {
-                    "due_at": timer.due_at,
-                    "lead_id": lead_id,
-                    "enrollment_id": ids[(lead_id, timer.journey_id, timer.entry_no)],
-                    "stage": timer.stage,
-                    "epoch": timer.epoch,
-                    "transition": timer.transition,
-                }
+                (
+                    timer.due_at,
+                    lead_id,
+                    ids[(lead_id, timer.journey_id, timer.entry_no)],
+                    timer.stage,
+                    timer.epoch,
+                    timer.transition,
+                )
                 for lead_id, timer in self.timers
             ],
         )
@@ -212,30 +193,42 @@ class Changes:
             await record_batch(connection, self.effects, self.sources, self.sources_moved)
 
     async def _write_enrollments(self, connection: AsyncConnection) -> None:
-        new: list[tuple[EnrollmentKey, dict[str, Any]]] = []
-        changed: list[dict[str, Any]] = []
+        new: list[EnrollmentKey] = []
+        new_rows: list[queries.NewEnrollment] = []
+        changed: list[queries.EnrollmentUpdate] = []
         for key, enrollment in self.enrollments.items():
-            values = {
-                "version": enrollment.version,
-                "stage": enrollment.stage,
-                "state": enrollment.state,
-                "epoch": enrollment.epoch,
-                "stage_entered_at": enrollment.stage_entered_at,
-                "ended_at": enrollment.ended_at,
-                "sequences": list(enrollment.sequences),
-            }
             row_id = self.enrollment_ids.get(key)
             if row_id is None:
-                values.update(
-                    lead_id=key[0],
-                    journey_id=enrollment.journey_id,
-                    entry_no=enrollment.entry_no,
-                    entered_at=enrollment.entered_at,
+                new.append(key)
+                new_rows.append(
+                    (
+                        key[0],
+                        enrollment.journey_id,
+                        enrollment.entry_no,
+                        enrollment.version,
+                        enrollment.stage,
+                        enrollment.state,
+                        enrollment.epoch,
+                        enrollment.entered_at,
+                        enrollment.stage_entered_at,
+                        enrollment.ended_at,
+                        enrollment.sequences,
+                    )
                 )
-                new.append((key, values))
             else:
-                changed.append({"id": row_id, **values})
+                changed.append(
+                    (
+                        row_id,
+                        enrollment.version,
+                        enrollment.stage,
+                        enrollment.state,
+                        enrollment.epoch,
+                        enrollment.stage_entered_at,
+                        enrollment.ended_at,
+                        enrollment.sequences,
+                    )
+                )
         await queries.update_enrollments(connection, changed)
-        new_ids = await queries.insert_enrollments(connection, [values for _, values in new])
-        for (key, _), row_id in zip(new, new_ids, strict=True):
+        new_ids = await queries.insert_enrollments(connection, new_rows)
+        for key, row_id in zip(new, new_ids, strict=True):
             self.enrollment_ids[key] = row_id

@@ -1,0 +1,137 @@
+"""The worker's bulk writes: rows go to the driver as plain values, so what they store
+must be exactly what the schema's column types store (instants as integer
+microseconds, JSON as the engine's serializer writes it), and batched grants must
+give each lead one code and count each once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Table, func, insert, select
+
+from channels.offers.store import grant_offers
+from engine.db.queries import OUTBOX_PENDING
+from engine.db.schema import (
+    audience_members,
+    enrollments,
+    kpi_offers,
+    leads,
+    offer_codes,
+    outbox,
+    timers,
+    transitions,
+)
+from engine.db.types import to_micros
+from tests.worker.conftest import Engine
+
+CATALOG = {"path": "/catalog/steel"}
+LANDING = {"path": "/landing/winter"}
+
+
+async def _stored(engine: Engine, table: Table, instants: list[str], documents: list[str]) -> None:
+    """Each row as SQLAlchemy reads it, against the raw values the database holds."""
+    columns = [*instants, *(f"CAST({name} AS TEXT)" for name in documents)]
+    async with engine.runtime.db.read() as connection:
+        typed = (await connection.execute(select(table).order_by(*table.primary_key))).all()
+        order = ", ".join(column.name for column in table.primary_key)
+        raw = (
+            await connection.exec_driver_sql(
+                f"SELECT {', '.join(columns)} FROM {table.name} ORDER BY {order}"
+            )
+        ).all()
+    assert typed, f"the worker wrote no {table.name}"
+    assert len(raw) == len(typed)
+    for row, stored in zip(typed, raw, strict=True):
+        values: list[Any] = list(stored)
+        for name, value in zip(instants, values[: len(instants)], strict=True):
+            moment = getattr(row, name)
+            if moment is None:
+                assert value is None
+            else:
+                assert moment.utcoffset() == timedelta(0)
+                assert isinstance(value, int)
+                assert value == to_micros(moment), (table.name, name)
+        for name, value in zip(documents, values[len(instants) :], strict=True):
+            assert value == orjson.dumps(getattr(row, name)).decode(), (table.name, name)
+
+
+async def test_rows_written_in_bulk_are_stored_as_the_column_types_store_them(
+    engine: Engine,
+) -> None:
+    await engine.send(
+        "page",
+        anonymousId="a1",
+        properties=CATALOG,
+        context={"campaign": {"source": "google"}},
+    )
+    await engine.run(timedelta(hours=2))  # to retarget: among the abandoners
+    landed_at = engine.clock.now()
+    await engine.send("identify", anonymousId="a1", userId="u1", traits={"email": " A@B.example "})
+    await engine.send("page", anonymousId="a1", properties=LANDING)
+    await engine.send("page", anonymousId="a2", properties=CATALOG)  # waits on its timeout
+    await engine.run(timedelta(minutes=5))
+
+    lead = await engine.lead(await engine.lead_id(anonymous_id="a1"))
+    assert lead.email == "a@b.example"
+    assert lead.first_source == "google"
+    assert lead.traits["email"] == " A@B.example "
+    await _stored(engine, leads, ["updated_at", "watermark", "first_source_at"], ["traits"])
+    await _stored(
+        engine,
+        enrollments,
+        ["entered_at", "stage_entered_at", "ended_at"],
+        ["sequences"],
+    )
+    await _stored(engine, transitions, ["at"], ["cause"])
+    await _stored(engine, timers, ["due_at"], [])
+    await _stored(engine, audience_members, ["added_at", "removed_at"], [])
+    await _stored(engine, outbox, ["created_at", "updated_at"], [])
+    (run,) = await engine.rows(enrollments, lead_id=lead.id)
+    assert run.sequences == ["tips"]
+    assert await engine.audiences(lead.id) == {"visitors": True, "abandoners": False}
+    (left,) = await engine.rows(audience_members, lead_id=lead.id, audience="abandoners")
+    assert left.removed_at == landed_at
+
+
+async def test_grants_in_one_batch_give_each_lead_one_code_and_are_counted_once(
+    engine: Engine,
+) -> None:
+    for n in range(3):
+        await engine.send("page", anonymousId=f"a{n}", properties=CATALOG)
+    await engine.run()
+    now = engine.clock.now()
+    runs = await engine.rows(enrollments)
+    assert len(runs) == 3
+    async with engine.runtime.db.write() as connection:
+        # Two grants of the same offer for the first lead, one for each other lead.
+        for index, run in enumerate([runs[0], *runs]):
+            await connection.execute(
+                insert(outbox).values(
+                    idempotency_key=f"{run.id}/grant-{index}",
+                    lead_id=run.lead_id,
+                    enrollment_id=run.id,
+                    journey_id="funnel",
+                    action="offer.grant",
+                    target="welcome",
+                    status=OUTBOX_PENDING,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        handled = await grant_offers(connection, engine.runtime.book, now)
+    assert handled == 4
+
+    codes = await engine.rows(offer_codes)
+    assert sorted(row.lead_id for row in codes) == sorted(run.lead_id for run in runs)
+    assert len({row.code for row in codes}) == 3
+    assert all(row.code.startswith("WELCOME-") for row in codes)
+    assert all(row.expires_at == now + timedelta(days=5) for row in codes)
+    async with engine.runtime.db.read() as connection:
+        granted = await connection.scalar(select(func.sum(kpi_offers.c.granted)))
+        reported = await connection.scalar(
+            select(func.count()).select_from(outbox).where(outbox.c.status == OUTBOX_PENDING)
+        )
+    assert granted == 3
+    assert reported == 0
