@@ -3,7 +3,7 @@
 One route reads the body, parses it with orjson as cjm does and answers 200 with a
 small JSON: no key check, no validation, no database (/healthz only tells bench/tracking.py
 that the server is up). It is served the way `cjm serve` serves its app (engine/cli.py):
-`uvicorn.Server(...).serve()` inside `asyncio.run`, with the same Config, so the event
+`uvicorn.Server(...).serve()` run by `uvloop.run`, with the same Config, so the event
 loop and the HTTP parser are the same.
 
 Run by bench/tracking.py: `python bench/bare_app.py PORT`.
@@ -11,11 +11,11 @@ Run by bench/tracking.py: `python bench/bare_app.py PORT`.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import orjson
 import uvicorn
+import uvloop
 from fastapi import FastAPI, Request, Response
 
 app = FastAPI()
@@ -36,7 +36,7 @@ def main() -> None:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    uvloop.run(uvicorn.Server(config).serve())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ from engine.db.migrate import DatabaseNotMigrated
 from engine.journey import Journey, JourneyErrors, JourneySet, load_journey_file, load_journeys
 from engine.journey.model import EmailSend
 from engine.metrics import serve_metrics
-from engine.runtime import Runtime, load_checked_journeys, tune_garbage_collector
+from engine.runtime import (
+    Runtime,
+    WorkerNotStarted,
+    WorkerProcess,
+    load_checked_journeys,
+    tune_garbage_collector,
+)
 
 if TYPE_CHECKING:
     from engine.db.database import Database
@@ -85,7 +91,7 @@ async def _start(runtime: Runtime) -> None:
         await runtime.start()
     except JourneyErrors as error:
         _fail(f"{error}\nnot starting: the journeys above are invalid")
-    except DatabaseNotMigrated as error:
+    except (DatabaseNotMigrated, WorkerNotStarted) as error:
         _fail(str(error))
     tune_garbage_collector()
 
@@ -120,19 +126,46 @@ def _banner(runtime: Runtime, listening: str | None) -> None:
 @app.command()
 def serve(
     worker: Annotated[
-        bool, typer.Option(help="Also process events and timers in this process.")
+        bool, typer.Option(help="Also process events, timers, emails and audiences.")
     ] = True,
+    worker_process: Annotated[
+        bool,
+        typer.Option(
+            help="Do that work in a child process, started and stopped with the server, "
+            "so that ingestion and the worker each have a core (one process by default)."
+        ),
+    ] = False,
 ) -> None:
     """Run the HTTP API with the worker and the timer sweep (embedded SQLite by default)."""
     import uvicorn
 
     from engine.api.app import create_app
 
+    if worker_process and not worker:
+        _fail("--worker-process runs the worker in a child process: drop --no-worker")
     settings = _settings()
     _configure_logging()
+    worker_gave_up = False
 
     async def run() -> None:
-        runtime = Runtime(settings, run_worker=worker)
+        nonlocal worker_gave_up
+        server: uvicorn.Server | None = None
+
+        def give_up() -> None:
+            nonlocal worker_gave_up
+            worker_gave_up = True
+            if server is not None:
+                server.should_exit = True
+
+        # The worker in a process of its own: the API and the worker each get a core,
+        # where one event loop makes them take turns on one.
+        child = WorkerProcess(on_give_up=give_up) if worker_process else None
+        runtime = Runtime(
+            settings,
+            run_worker=worker and child is None,
+            worker_process=child,
+            writers_take_turns=child is not None,
+        )
         await _start(runtime)
         try:
             _banner(runtime, f"http://{settings.host}:{settings.port}")
@@ -143,11 +176,26 @@ def serve(
                 log_level="warning",
                 access_log=False,
             )
-            await uvicorn.Server(config).serve()
+            server = uvicorn.Server(config)
+            if not worker_gave_up:
+                await server.serve()
         finally:
             await runtime.stop()
 
-    asyncio.run(run())
+    _run_fast(run())
+    if worker_gave_up:
+        _fail("cjm serve stopped: its worker process keeps exiting (see the errors above)")
+
+
+def _run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed (not on Windows): the HTTP hot path
+    spends a good part of its time in the event loop, which uvloop makes cheaper."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 @app.command("worker")
@@ -160,17 +208,39 @@ def worker_command(
             help="Serve this worker's Prometheus metrics on this port (on CJM_HOST).",
         ),
     ] = None,
+    parent_pipe: Annotated[
+        int | None,
+        typer.Option(
+            hidden=True,
+            help="The worker process of `cjm serve --worker-process`: the pipe to its "
+            "server (a byte: events were stored; end of file: the server is gone, stop).",
+        ),
+    ] = None,
+    ready_pipe: Annotated[
+        int | None,
+        typer.Option(
+            hidden=True,
+            help="The worker process of `cjm serve --worker-process`: a byte is written "
+            "here once started.",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker alone: events, timers and merges, sharing a PostgreSQL with others."""
     settings = _settings()
     _configure_logging()
 
     async def run() -> None:
-        runtime = Runtime(settings)
+        # The worker process of `cjm serve --worker-process` shares its server's SQLite
+        # writer and takes turns with it.
+        runtime = Runtime(settings, writers_take_turns=parent_pipe is not None)
         await _start(runtime)
-        if runtime.db.is_sqlite:
-            typer.echo("note: on SQLite `cjm serve` already runs a worker; one is enough")
-        _banner(runtime, None)
+        if ready_pipe is not None:
+            os.write(ready_pipe, b"\x01")
+            os.close(ready_pipe)
+        if parent_pipe is None:
+            if runtime.db.is_sqlite:
+                typer.echo("note: on SQLite `cjm serve` already runs a worker; one is enough")
+            _banner(runtime, None)
         if metrics_port is not None:
             try:
                 serve_metrics(metrics_port, settings.host)
@@ -182,12 +252,31 @@ def worker_command(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        if parent_pipe is not None:
+            loop.add_reader(parent_pipe, _heed_server, parent_pipe, runtime, stopping)
         try:
             await stopping.wait()
         finally:
+            if parent_pipe is not None:
+                loop.remove_reader(parent_pipe)
             await runtime.stop()
 
     asyncio.run(run())
+
+
+def _heed_server(pipe: int, runtime: Runtime, stopping: asyncio.Event) -> None:
+    """Wake the worker for each byte from `cjm serve`; stop at end of file (the server
+    is gone, however it ended)."""
+    try:
+        received = os.read(pipe, 4096)
+    except OSError:
+        received = b""
+    if received:
+        runtime.worker.wake()
+    else:
+        asyncio.get_running_loop().remove_reader(pipe)
+        logging.getLogger("cjm").warning("the server process is gone: the worker stops")
+        stopping.set()
 
 
 @app.command()

@@ -59,6 +59,19 @@ def write_key_failure(
     return "missing write key: send HTTP Basic with the write key as user name"
 
 
+def signed_call_id(headers: Headers, raw_body: bytes) -> str | None:
+    """For a call that `write_key_failure` let in by its signature: an id that every
+    replay of it shares (the signed time and body are the same), or None for a call let
+    in otherwise. Its messages that carry no `messageId` take theirs from it, so a
+    replay inside the allowed skew is deduplicated as a client's retry is."""
+    header = headers.get(SIGNATURE_HEADER)
+    if header is None or headers.get("authorization") is not None:
+        return None
+    fields = [part.strip().partition("=") for part in header.split(",")]
+    sent_at = next((value for name, _, value in fields if name == "t"), "")
+    return "sig-" + hashlib.sha256(sent_at.encode() + b"." + raw_body).hexdigest()[:32]
+
+
 def _basic_failure(authorization: str, keys: ApiKeys) -> str | None:
     scheme, _, encoded = authorization.partition(" ")
     if scheme.lower() != "basic":

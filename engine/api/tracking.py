@@ -20,7 +20,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.api import schemas
-from engine.api.auth import SIGNATURE_HEADER, WRITE_CHALLENGE, write_key_failure
+from engine.api.auth import (
+    SIGNATURE_HEADER,
+    WRITE_CHALLENGE,
+    signed_call_id,
+    write_key_failure,
+)
+from engine.ingest.inbox import InboxOverloaded
 from engine.ingest.messages import (
     KB,
     MAX_BATCH_BYTES,
@@ -105,9 +111,9 @@ def _single_endpoint(
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            payload = await _authorized_payload(request, runtime, MAX_MESSAGE_BYTES)
+            payload, call_id = await _authorized_payload(request, runtime, MAX_MESSAGE_BYTES)
             try:
-                message = parse_message(payload, type_, runtime.clock.now())
+                message = parse_message(payload, type_, runtime.clock.now(), call_id=call_id)
             except InvalidMessage as error:
                 raise Refused.because(400, error.reason) from None
             await _store(runtime, [message])
@@ -121,9 +127,9 @@ def _single_endpoint(
 def _batch_endpoint(runtime: AppRuntime) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            payload = await _authorized_payload(request, runtime, MAX_BATCH_BYTES)
+            payload, call_id = await _authorized_payload(request, runtime, MAX_BATCH_BYTES)
             try:
-                batch = parse_batch(payload, runtime.clock.now())
+                batch = parse_batch(payload, runtime.clock.now(), call_id=call_id)
             except InvalidMessage as error:
                 raise Refused.because(400, error.reason) from None
             rejected = [
@@ -143,8 +149,11 @@ def _batch_endpoint(runtime: AppRuntime) -> Callable[[Request], Awaitable[Respon
     return endpoint
 
 
-async def _authorized_payload(request: Request, runtime: AppRuntime, limit: int) -> object:
-    """The parsed body of a caller holding the write key.
+async def _authorized_payload(
+    request: Request, runtime: AppRuntime, limit: int
+) -> tuple[object, str | None]:
+    """The parsed body of a caller holding the write key, and the id of a signed call
+    (see `signed_call_id`).
 
     The body is parsed before the key is checked because analytics.js puts the key
     in it; a malformed body is still answered 401, not 400, to a caller without a key.
@@ -167,7 +176,7 @@ async def _authorized_payload(request: Request, runtime: AppRuntime, limit: int)
         raise Refused.because(401, failure, WRITE_CHALLENGE)
     if malformed is not None:
         raise Refused.because(400, malformed.reason)
-    return payload
+    return payload, signed_call_id(request.headers, raw)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -189,6 +198,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def _store(runtime: AppRuntime, messages: list[Message]) -> None:
     try:
         await runtime.inbox.accept(messages)
+    except InboxOverloaded:
+        # Logged by the inbox once per overload, not once per refused request.
+        raise Refused.because(503, "overloaded: retry later", RETRY_AFTER) from None
     except Exception:
         log.exception("tracking: %d messages could not be stored", len(messages))
         raise Refused.because(503, "storage unavailable: retry later", RETRY_AFTER) from None
@@ -207,7 +219,10 @@ def _error_responses(limit: int) -> dict[int | str, dict[str, Any]]:
         ),
         401: error("Missing or wrong write key or signature."),
         413: error(f"The body is larger than {limit // KB} KB."),
-        503: error("The messages could not be stored; retry after `Retry-After` seconds."),
+        503: error(
+            "The messages could not be stored, or the server is overloaded: none was "
+            "stored; retry after `Retry-After` seconds."
+        ),
     }
 
 

@@ -5,12 +5,22 @@ ingestion at the disk's flush rate. So requests queue their messages and wait; o
 writer task takes everything queued, writes it in one transaction, and wakes every
 waiter at once. Under light load a group is one request (no added latency); under
 heavy load a flush carries thousands of messages.
+
+When the writer cannot keep up (the database is slow, or another process holds
+its write lock) the inbox says so at once rather than let callers wait until they
+give up: a message is answered within MAX_WAIT_S, stored or refused with
+InboxOverloaded (503 and Retry-After for the caller), and new messages are refused
+at once while the backlog is beyond its bounds. A refused message was never
+written; a message the writer has taken is always answered with the outcome of its
+transaction, so nothing refused is stored and nothing accepted is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.clock import Clock
 from engine.db.database import Database
-from engine.db.queries import upsert
+from engine.db.queries import execute_rows, json_text, micros
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
 from engine.ingest.messages import Message
@@ -29,16 +39,31 @@ from engine.metrics import count_ingested
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 5_000
+# The longest a message waits in the queue before it is refused. Well above the waits
+# of a saturated but healthy writer (a full group takes about a second on SQLite, and
+# takes turns on the write lock with the worker; several seconds on a machine whose
+# cores are all busy), and below the time tracking clients commonly wait for an answer
+# (10 to 15 s).
+MAX_WAIT_S = 8.0
+# New messages are refused at once while this many are queued (ten full groups), or
+# while the oldest queued message, or the group being written, has waited more than
+# half of MAX_WAIT_S: a new one would wait about as long behind them.
+MAX_QUEUED = 10 * MAX_GROUP
 
 
 class InboxClosed(RuntimeError):
     """The inbox is not running (not started yet, or stopping): nothing can be accepted."""
 
 
-@dataclass(frozen=True, slots=True)
+class InboxOverloaded(RuntimeError):
+    """The messages were refused, not stored: the writer is behind; retry shortly."""
+
+
+@dataclass(eq=False, slots=True)
 class _Waiter:
     messages: Sequence[Message]
     done: asyncio.Future[None]
+    queued_at: float
 
 
 class Inbox:
@@ -51,20 +76,30 @@ class Inbox:
         *,
         on_commit: Callable[[], None] | None = None,
         max_group: int = MAX_GROUP,
+        max_wait_s: float = MAX_WAIT_S,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.on_commit = on_commit
         self._db = db
         self._clock = clock
         self._max_group = max_group
+        self._max_wait_s = max_wait_s
+        self._refuse_after_s = max_wait_s / 2
+        self._max_queued = max_queued
         self._queue: deque[_Waiter] = deque()
+        self._queued = 0  # messages in the queue
+        self._writing_since: float | None = None  # when the group being written was taken
+        self._overloaded = False  # for logging each overload once, not each refusal
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
         self._closing = False
 
     async def start(self) -> None:
         if self._writer is None:
             self._closing = False
             self._writer = asyncio.create_task(self._run(), name="cjm-inbox-writer")
+            self._expiry = asyncio.create_task(self._expire(), name="cjm-inbox-expiry")
 
     async def stop(self) -> None:
         """Stop accepting, write what is queued, and end the writer."""
@@ -74,6 +109,11 @@ class Inbox:
         self._wake.set()
         await self._writer
         self._writer = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
 
     async def accept(self, messages: Sequence[Message]) -> None:
         """Return once `messages` are committed; raise what failed their transaction.
@@ -84,10 +124,46 @@ class Inbox:
             return
         if self._writer is None or self._closing:
             raise InboxClosed("the inbox is not accepting messages")
+        now = time.monotonic()
+        backlog = self._backlog(now)
+        if backlog is not None:
+            self._note_overload(backlog)
+            raise InboxOverloaded(backlog)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiter(messages, done))
+        self._queue.append(_Waiter(messages, done, now))
+        self._queued += len(messages)
         self._wake.set()
         await done
+
+    def _backlog(self, now: float) -> str | None:
+        """Why a new message would wait too long, if it would."""
+        if self._queued >= self._max_queued:
+            return f"{self._queued} messages are waiting to be stored"
+        if self._queue and now - self._queue[0].queued_at > self._refuse_after_s:
+            return f"messages have waited {now - self._queue[0].queued_at:.1f} s to be stored"
+        if self._writing_since is not None and now - self._writing_since > self._refuse_after_s:
+            return f"storing a group has taken {now - self._writing_since:.1f} s so far"
+        return None
+
+    def _note_overload(self, reason: str) -> None:
+        if not self._overloaded:
+            self._overloaded = True
+            log.warning("inbox: %s; refusing messages with 503 until it catches up", reason)
+
+    async def _expire(self) -> None:
+        """Refuse the messages that have waited MAX_WAIT_S without being taken."""
+        while True:
+            await asyncio.sleep(self._max_wait_s / 10)
+            deadline = time.monotonic() - self._max_wait_s
+            while self._queue and self._queue[0].queued_at <= deadline:
+                waiter = self._queue.popleft()
+                self._queued -= len(waiter.messages)
+                self._note_overload(f"messages waited {self._max_wait_s:.0f} s to be stored")
+                if not waiter.done.done():
+                    waiter.done.set_exception(InboxOverloaded("waited too long to be stored"))
+            if self._overloaded and self._backlog(time.monotonic()) is None:
+                self._overloaded = False
+                log.warning("inbox: caught up; accepting messages again")
 
     async def _run(self) -> None:
         while True:
@@ -106,10 +182,12 @@ class Inbox:
             waiter = self._queue.popleft()
             group.append(waiter)
             size += len(waiter.messages)
+        self._queued -= size
         return group
 
     async def _write(self, group: list[_Waiter]) -> None:
         messages = _first_of_each_id(waiter.messages for waiter in group)
+        self._writing_since = time.monotonic()
         try:
             async with self._db.write() as connection:
                 routes = await resolve_leads(connection, messages, self._clock.now())
@@ -120,6 +198,8 @@ class Inbox:
                 if not waiter.done.done():
                     waiter.done.set_exception(error)
             return
+        finally:
+            self._writing_since = None
         count_ingested(message.type for message in messages)
         if self.on_commit is not None:
             try:
@@ -143,18 +223,35 @@ def _first_of_each_id(batches: Iterable[Sequence[Message]]) -> list[Message]:
     return unique
 
 
+# The hot insert as plain SQL on tuples: the driver's executemany, without SQLAlchemy's
+# processing of each row's parameters (most of the cost of a large batch).
+EVENT_COLUMNS = (
+    "message_id",
+    "lead_id",
+    "type",
+    "name",
+    "timestamp",
+    "received_at",
+    "user_id",
+    "anonymous_id",
+    "data",
+    "merge_lead_id",
+)
+INSERT_EVENTS = (
+    f"INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) ON CONFLICT (message_id) DO NOTHING"
+)
+
+
 async def insert_events(
     connection: AsyncConnection, messages: Sequence[Message], routes: Sequence[Route]
 ) -> None:
     """The messages as inbox rows; a messageId already stored is skipped."""
     rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]
-    statement = upsert(connection, events).on_conflict_do_nothing(
-        index_elements=[events.c.message_id]
-    )
-    await connection.execute(statement, rows)
+    await execute_rows(connection, INSERT_EVENTS, rows)
 
 
-def _event_row(message: Message, route: Route) -> dict[str, Any]:
+def _event_row(message: Message, route: Route) -> tuple[Any, ...]:
     data: dict[str, Any] = {}
     if message.properties:
         data["properties"] = message.properties
@@ -164,17 +261,15 @@ def _event_row(message: Message, route: Route) -> dict[str, Any]:
         data["traits"] = message.traits
     if message.previous_id is not None:
         data["previous_id"] = message.previous_id
-    return {
-        "message_id": message.message_id,
-        "lead_id": route.lead_id,
-        "type": message.type,
-        "name": message.name,
-        "timestamp": message.timestamp,
-        "received_at": message.received_at,
-        "user_id": message.user_id,
-        "anonymous_id": message.anonymous_id,
-        "data": data,
-        "merge_lead_id": route.merge_lead_id,
-        "processed_at": None,
-        "error": None,
-    }
+    return (
+        message.message_id,
+        route.lead_id,
+        message.type,
+        message.name,
+        micros(message.timestamp),
+        micros(message.received_at),
+        message.user_id,
+        message.anonymous_id,
+        json_text(data),
+        route.merge_lead_id,
+    )

@@ -28,6 +28,10 @@ MAX_MESSAGE_BYTES = 32 * KB
 MAX_BATCH_BYTES = 500 * KB
 MAX_ID_LENGTH = 256  # identities.value, events.message_id
 MAX_EVENT_LENGTH = 200  # events.name
+# Levels of objects and arrays in one message. Far beyond what tracking needs, and far
+# below what storing and showing it takes (JSON encoders stop at 255 levels: a deeper
+# message would fail the commit of every message stored with it).
+MAX_DEPTH = 128
 
 
 class InvalidMessage(ValueError):
@@ -83,10 +87,16 @@ def parse_message(
     received_at: datetime,
     *,
     batch_context: Mapping[str, Any] | None = None,
+    call_id: str | None = None,
 ) -> Message:
-    """Check one message of a known type and normalise it; raises `InvalidMessage`."""
+    """Check one message of a known type and normalise it; raises `InvalidMessage`.
+
+    `call_id`: the message id to give it when it has none (a signed call's, which its
+    replays share); else one is made up.
+    """
     if not isinstance(payload, dict):
         raise InvalidMessage("a message must be a JSON object")
+    _refuse_deep(payload)
     user_id = _identifier(payload, "userId")
     anonymous_id = _identifier(payload, "anonymousId")
     previous_id = None
@@ -119,7 +129,7 @@ def parse_message(
     return Message(
         type=type_,
         name=name,
-        message_id=_identifier(payload, "messageId") or str(uuid.uuid4()),
+        message_id=_identifier(payload, "messageId") or call_id or str(uuid.uuid4()),
         user_id=user_id,
         anonymous_id=anonymous_id,
         previous_id=previous_id,
@@ -131,33 +141,56 @@ def parse_message(
     )
 
 
-def parse_batch(payload: object, received_at: datetime) -> Batch:
-    """Check a `/v1/batch` body: whole-body faults raise, bad items are rejected alone."""
+def parse_batch(payload: object, received_at: datetime, *, call_id: str | None = None) -> Batch:
+    """Check a `/v1/batch` body: whole-body faults raise, bad items are rejected alone.
+    `call_id`: as for `parse_message`, each item's followed by its index."""
     if not isinstance(payload, dict):
         raise InvalidMessage("a batch must be a JSON object with a `batch` array")
     items = payload.get("batch")
     if not isinstance(items, list) or not items:
         raise InvalidMessage("`batch` must be a non-empty array of messages")
     batch_context = _object(payload, "context")
+    _refuse_deep({"context": batch_context})  # as deep as it will be in each message
     messages: list[Message] = []
     rejected: list[Rejection] = []
     for index, item in enumerate(items):
         try:
-            messages.append(_batch_item(item, received_at, batch_context))
+            item_id = None if call_id is None else f"{call_id}-{index}"
+            messages.append(_batch_item(item, received_at, batch_context, item_id))
         except InvalidMessage as error:
             rejected.append(Rejection(index, _given_message_id(item), error.reason))
     return Batch(messages, rejected)
 
 
-def _batch_item(item: object, received_at: datetime, batch_context: dict[str, Any]) -> Message:
+def _batch_item(
+    item: object, received_at: datetime, batch_context: dict[str, Any], call_id: str | None
+) -> Message:
     if not isinstance(item, dict):
         raise InvalidMessage("a message must be a JSON object")
+    _refuse_deep(item)  # before measuring it: encoding it would fail
     type_ = item.get("type")
     if type_ not in MESSAGE_TYPES:
         raise InvalidMessage("`type` must be one of " + ", ".join(MESSAGE_TYPES))
     if len(orjson.dumps(item)) > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"message exceeds the {MAX_MESSAGE_BYTES // KB} KB limit")
-    return parse_message(item, cast(MessageType, type_), received_at, batch_context=batch_context)
+    return parse_message(
+        item, cast(MessageType, type_), received_at, batch_context=batch_context, call_id=call_id
+    )
+
+
+def _refuse_deep(message: dict[str, Any]) -> None:
+    """Refuse a message with objects and arrays nested more than MAX_DEPTH levels."""
+    level: list[Any] = [message]
+    for _ in range(MAX_DEPTH):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return
+    raise InvalidMessage(f"the message is nested more than {MAX_DEPTH} levels deep")
 
 
 def _given_message_id(item: object) -> str | None:

@@ -16,6 +16,7 @@ from engine.db.database import Database
 from engine.db.schema import events
 from engine.ingest.inbox import Inbox
 from tests.api.conftest import ADMIN, NOW, WRITE, Runtime
+from tests.ingest.write_lock import held_write_lock
 
 
 async def stored_events(runtime: Runtime) -> list[Any]:
@@ -205,6 +206,40 @@ async def test_a_storage_failure_answers_503_with_retry_after(
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.json() == {"success": False, "error": "storage unavailable: retry later"}
+
+
+async def test_an_overloaded_inbox_answers_503_at_once_and_stores_each_200_once(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    # Writes held back by another connection: one request in the writer's hands, two
+    # queued, and every request beyond them refused at once rather than left waiting.
+    await runtime.inbox.stop()
+    runtime.inbox = Inbox(runtime.db, runtime.clock, max_group=1, max_queued=2, max_wait_s=600)
+    await runtime.inbox.start()
+
+    async def post(n: int) -> httpx.Response:
+        body = {"userId": f"u{n}", "event": "x", "messageId": f"m{n}"}
+        return await client.post("/v1/track", json=body, auth=WRITE)
+
+    async with held_write_lock(runtime.db):
+        requests = []
+        for n in range(6):
+            requests.append(asyncio.create_task(post(n)))
+            await asyncio.sleep(0.02)
+        for _ in range(600):  # answered while the lock is still held (liveness bound)
+            if sum(request.done() for request in requests) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        early = [request.result() for request in requests if request.done()]
+    answers = [await request for request in requests]
+
+    assert len(early) == 3
+    assert all(answer.status_code == 503 for answer in early)
+    assert all(answer.headers["retry-after"] == "1" for answer in early)
+    assert early[0].json() == {"success": False, "error": "overloaded: retry later"}
+    accepted = sorted(f"m{n}" for n, answer in enumerate(answers) if answer.status_code == 200)
+    assert len(accepted) == 3
+    assert sorted(row.message_id for row in await stored_events(runtime)) == accepted
 
 
 async def test_browsers_may_post_tracking_calls_from_any_origin(client: httpx.AsyncClient) -> None:

@@ -51,13 +51,16 @@ class Server:
             return client.get(path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
 
 
-def start_server(env: dict[str, str], log: Path, cwd: Path | None = None) -> Server:
-    """`cjm serve` on a free port, answering; run in `cwd` when given (where it writes
-    var/outbox), else in this one."""
+def start_server(
+    env: dict[str, str], log: Path, cwd: Path | None = None, args: tuple[str, ...] = ()
+) -> Server:
+    """`cjm serve [args]` on a free port, answering; run in `cwd` when given (where it
+    writes var/outbox), else in this one."""
     port = free_port()
     output = log.open("w")
     process = cjm(
         "serve",
+        *args,
         env={
             "CJM_HOST": "127.0.0.1",
             "CJM_PORT": str(port),
@@ -111,8 +114,8 @@ def serve(tmp_path: Path) -> Iterator[object]:
     """Start servers for the test; every one is stopped at the end."""
     started: list[Server] = []
 
-    def start(**env: str) -> Server:
-        server = start_server(env, tmp_path / f"serve-{len(started)}.log")
+    def start(*args: str, **env: str) -> Server:
+        server = start_server(env, tmp_path / f"serve-{len(started)}.log", args=args)
         started.append(server)
         return server
 

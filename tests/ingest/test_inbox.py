@@ -14,8 +14,9 @@ from sqlalchemy import func, select
 from engine.clock import ManualClock
 from engine.db.database import Database
 from engine.db.schema import events
-from engine.ingest.inbox import Inbox, InboxClosed
+from engine.ingest.inbox import Inbox, InboxClosed, InboxOverloaded
 from engine.ingest.messages import Message, MessageType, parse_message
+from tests.ingest.write_lock import held_write_lock
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -148,3 +149,84 @@ async def test_a_stopped_inbox_refuses_messages(db: Database) -> None:
     await inbox.stop()
     with pytest.raises(InboxClosed):
         await inbox.accept([call("m1")])
+
+
+async def stored_ids(db: Database) -> list[str]:
+    async with db.read() as connection:
+        return list((await connection.execute(select(events.c.message_id))).scalars())
+
+
+async def settle(tasks: list[asyncio.Task[None]]) -> tuple[list[str], list[str]]:
+    """The message ids of the calls that were accepted, and of those refused as overload."""
+    accepted: list[str] = []
+    refused: list[str] = []
+    for n, result in enumerate(await asyncio.gather(*tasks, return_exceptions=True)):
+        if result is None:
+            accepted.append(f"m{n}")
+        elif isinstance(result, InboxOverloaded):
+            refused.append(f"m{n}")
+        else:
+            raise result
+    return accepted, refused
+
+
+async def wait_until(condition: Any) -> None:
+    """Liveness only: a generous bound so a broken inbox fails instead of hanging."""
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the inbox never got there")
+
+
+async def test_a_full_queue_refuses_new_messages_at_once_and_stores_the_queued_ones(
+    db: Database,
+) -> None:
+    # One message at a time, three queued at most, and no message ever expires here:
+    # with the writer held back, calls beyond those four can only be refused.
+    inbox = Inbox(db, ManualClock(NOW), max_group=1, max_queued=3, max_wait_s=600)
+    await inbox.start()
+    try:
+        async with held_write_lock(db):
+            tasks = []
+            for n in range(7):
+                tasks.append(asyncio.create_task(inbox.accept([call(f"m{n}")])))
+                await asyncio.sleep(0.02)
+            # Refused while the lock is still held: answered without waiting for storage.
+            await wait_until(lambda: sum(task.done() for task in tasks) >= 3)
+            refused_early = [n for n, task in enumerate(tasks) if task.done()]
+            assert all(isinstance(tasks[n].exception(), InboxOverloaded) for n in refused_early)
+            with pytest.raises(InboxOverloaded):
+                await inbox.accept([call("late")])
+        accepted, refused = await settle(tasks)
+        await inbox.accept([call("after")])  # caught up: accepting again
+    finally:
+        await inbox.stop()
+
+    assert "m0" in accepted
+    assert len(accepted) == 4 and len(refused) == 3
+    stored = await stored_ids(db)
+    assert sorted(stored) == sorted([*accepted, "after"])  # each once, the refused never
+
+
+async def test_a_message_waiting_too_long_is_refused_and_never_stored(db: Database) -> None:
+    inbox = Inbox(db, ManualClock(NOW), max_group=1, max_wait_s=0.5)
+    await inbox.start()
+    try:
+        async with held_write_lock(db):
+            first = asyncio.create_task(inbox.accept([call("m0")]))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(inbox.accept([call("m1")]))
+            # The queued call is refused while the writer is still held back ...
+            await wait_until(second.done)
+            assert isinstance(second.exception(), InboxOverloaded)
+            # ... and so is any new one, at once, while the backlog lasts.
+            with pytest.raises(InboxOverloaded):
+                await inbox.accept([call("m2")])
+            assert not first.done()  # taken by the writer: it waits for its outcome
+        accepted, refused = await settle([first, second])
+    finally:
+        await inbox.stop()
+
+    assert (accepted, refused) == (["m0"], ["m1"])
+    assert await stored_ids(db) == ["m0"]

@@ -1,0 +1,102 @@
+"""Writers of one SQLite file take turns through a lock file: the inbox of `cjm serve`
+and its worker process alternate instead of one starving the other."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from engine.runtime import TurnTakingDatabase
+
+
+@pytest.fixture
+async def database_file(tmp_path: Path, sqlite_template: Path) -> AsyncIterator[Path]:
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    yield path
+
+
+@pytest.fixture
+def outsider(database_file: Path) -> Iterator[int]:
+    """The writers' lock file as another process opens it."""
+    descriptor = os.open(f"{database_file}.writers", os.O_RDWR | os.O_CREAT)
+    yield descriptor
+    os.close(descriptor)
+
+
+def turn_is_free(descriptor: int) -> bool:
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(descriptor, fcntl.LOCK_UN)
+    return True
+
+
+def database(path: Path) -> TurnTakingDatabase:
+    return TurnTakingDatabase(f"sqlite+aiosqlite:///{path}", Path(f"{path}.writers"))
+
+
+async def test_a_write_holds_the_turn_until_it_ends(database_file: Path, outsider: int) -> None:
+    db = database(database_file)
+    try:
+        async with db.write() as connection:
+            await connection.execute(text("DELETE FROM events"))
+            assert not turn_is_free(outsider)
+        assert turn_is_free(outsider)
+    finally:
+        await db.close()
+
+
+async def test_a_writer_waits_for_the_turn_of_another(database_file: Path, outsider: int) -> None:
+    first, second = database(database_file), database(database_file)
+    entered = asyncio.Event()
+
+    async def write_second() -> None:
+        async with second.write():
+            entered.set()
+
+    try:
+        async with first.write():
+            waiting = asyncio.create_task(write_second())
+            await asyncio.sleep(0.2)
+            assert not entered.is_set()
+        await asyncio.wait_for(waiting, 30)  # liveness only
+        assert entered.is_set()
+        assert turn_is_free(outsider)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_writer_cancelled_while_waiting_leaves_the_turn_free(
+    database_file: Path, outsider: int
+) -> None:
+    first, second = database(database_file), database(database_file)
+
+    async def write_second() -> None:
+        async with second.write():
+            pass
+
+    try:
+        async with first.write():
+            waiting = asyncio.create_task(write_second())
+            await asyncio.sleep(0.2)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        for _ in range(600):  # the waiting thread takes the turn, then gives it back
+            if turn_is_free(outsider):
+                break
+            await asyncio.sleep(0.05)
+        assert turn_is_free(outsider)
+    finally:
+        await first.close()
+        await second.close()
