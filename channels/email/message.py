@@ -11,6 +11,7 @@ import html
 import re
 from collections.abc import Callable
 from datetime import datetime
+from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -77,6 +78,7 @@ def build_message(
         ("unsubscribe_url", unsubscribe_url),
     ):
         _refuse_line_breaks(name, value)
+    _refuse_other_recipients(to)
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware: a Date header needs an offset")
 
@@ -94,6 +96,28 @@ def build_message(
     tracked = _rewrite_links(rendered.html, click_url, keep={unsubscribe_url})
     message.add_alternative(_add_pixel(tracked, open_pixel_url), subtype="html", charset="utf-8")
     return message
+
+
+def _refuse_other_recipients(to: str) -> None:
+    """`to` comes from the lead's `email` trait, written by whoever filled in a form:
+    "ada@example.com, thief@example.net" or a group ("friends: a@x, b@y;") would mail
+    everyone it lists, since the transport takes its recipients from the To header."""
+    refused = ValueError(f"to must be exactly one address, not {to[:80]!r}")
+    try:
+        header = POLICY.header_factory("To", to)
+    except (IndexError, ValueError):  # the header parser gives up on some broken input
+        raise refused from None
+    mailboxes, groups = header.addresses, header.groups
+    # A non-ASCII local part is a real address (SMTPUTF8); the transport decides on it.
+    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    if (
+        defects
+        or len(mailboxes) != 1
+        or groups[0].display_name is not None
+        or not mailboxes[0].username
+        or not mailboxes[0].domain
+    ):
+        raise refused
 
 
 def _refuse_line_breaks(name: str, value: str) -> None:

@@ -22,6 +22,7 @@ from engine.api.auth import RequireAdmin
 from engine.api.health import health_router
 from engine.api.journeys import journeys_router
 from engine.api.leads import leads_router
+from engine.api.schemas import Problem
 from engine.api.tracking import TrackingCors, tracking_components, tracking_router
 from engine.clock import Clock
 from engine.config import Settings
@@ -61,6 +62,12 @@ class AppRuntime(Protocol):
     async def stop(self) -> None: ...
 
 
+# Documented on every admin route, so that clients (and schema checks) expect it.
+ADMIN_REFUSAL: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or wrong admin key."}
+}
+
+
 def create_app(runtime: AppRuntime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +77,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
         finally:
             await runtime.stop()
 
+    admin_only = [Depends(RequireAdmin(runtime))]
     app = FastAPI(
         title="cjm",
         summary="Customer journey maps that run.",
@@ -78,12 +86,14 @@ def create_app(runtime: AppRuntime) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    admin_only = [Depends(RequireAdmin(runtime))]
     app.include_router(tracking_router(runtime))
-    app.include_router(journeys_router(runtime), dependencies=admin_only)
-    app.include_router(leads_router(runtime), dependencies=admin_only)
-    app.include_router(offers_router(runtime), dependencies=admin_only)
-    app.include_router(audiences_router(runtime), dependencies=admin_only)
+    for admin_router in (
+        journeys_router(runtime),
+        leads_router(runtime),
+        offers_router(runtime),
+        audiences_router(runtime),
+    ):
+        app.include_router(admin_router, dependencies=admin_only, responses=ADMIN_REFUSAL)
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
     app.include_router(dashboard_router(runtime))

@@ -14,15 +14,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Id = str | int
 JsonObject = dict[str, Any]
+# Consulted only when the call has neither HTTP Basic nor a signature, and only as text;
+# any other value is as if absent, so no type is required of it.
+BodyWriteKey = Annotated[
+    Any,
+    Field(
+        description="The write key, as text, for clients that cannot send HTTP Basic; read"
+        " only when the call carries neither HTTP Basic nor a signature."
+    ),
+]
 
 
 # --- tracking request bodies (documentation) -----------------------------------------------------
 
 
 class _Call(BaseModel):
-    """What every Segment call may carry; unknown fields are ignored."""
+    """What every Segment call may carry; unknown fields are ignored. A call names its
+    person by userId, anonymousId or both."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"anyOf": [{"required": ["userId"]}, {"required": ["anonymousId"]}]},
+    )
 
     userId: Id | None = Field(None, description="Your id for the person, once known.")
     anonymousId: Id | None = Field(None, description="The browser's or device's id.")
@@ -34,7 +47,7 @@ class _Call(BaseModel):
         None, description="When the client sent it; corrects the client's clock skew."
     )
     context: JsonObject | None = None
-    writeKey: str | None = Field(None, description="The write key, when not sent as HTTP Basic.")
+    writeKey: BodyWriteKey = None
 
 
 class TrackCall(_Call):
@@ -64,35 +77,20 @@ class AliasCall(_Call):
     userId: Id
 
 
-class TrackItem(TrackCall):
-    type: Literal["track"]
-
-
-class PageItem(PageCall):
-    type: Literal["page"]
-
-
-class ScreenItem(ScreenCall):
-    type: Literal["screen"]
-
-
-class IdentifyItem(IdentifyCall):
-    type: Literal["identify"]
-
-
-class AliasItem(AliasCall):
-    type: Literal["alias"]
-
-
-BatchItem = Annotated[
-    TrackItem | PageItem | ScreenItem | IdentifyItem | AliasItem, Field(discriminator="type")
-]
-
-
 class BatchCall(BaseModel):
-    batch: Annotated[list[BatchItem], Field(min_length=1)]
+    # The items are checked one by one, not as part of the request: a batch whose items
+    # are all wrong is still a well-formed request, answered with the list of rejections.
+    batch: Annotated[
+        list[Any],
+        Field(
+            min_length=1,
+            description="Calls of any type, each with its `type` (track, page, screen, identify,"
+            " alias) and the fields of that call. An item that is not a valid call is rejected"
+            " alone and listed in the answer's `rejected`.",
+        ),
+    ]
     context: JsonObject | None = Field(None, description="Merged under each message's context.")
-    writeKey: str | None = None
+    writeKey: BodyWriteKey = None
 
 
 # --- tracking answers ----------------------------------------------------------------------------
@@ -122,6 +120,12 @@ class TrackingError(BaseModel):
 
 
 # --- admin answers -------------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """Why an admin route refused a request, e.g. a missing or wrong admin key."""
+
+    detail: str
 
 
 class StageSummary(BaseModel):

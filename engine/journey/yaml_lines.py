@@ -26,6 +26,8 @@ YamlPath: TypeAlias = tuple[Key, ...]
 Plain: TypeAlias = "dict[Key, Plain] | list[Plain] | Key"
 
 _TAG = "tag:yaml.org,2002:"
+# Far deeper than any journey needs: a matcher in a transition's `where` is eight down.
+MAX_DEPTH = 64
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 _BOOL = re.compile(r"^(?:true|false)$", re.IGNORECASE)
 _INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
@@ -64,14 +66,28 @@ class Lines:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 core-schema scalars and no aliases."""
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars, no aliases, and a bounded
+    depth: the composer recurses once per level, so `[[[[...` a few hundred deep would
+    otherwise end in a RecursionError instead of an error at a line."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):  # which leaves the alias in `current_event`
             alias: yaml.AliasEvent = self.current_event
             line = alias.start_mark.line + 1 if alias.start_mark else 1
             raise YamlError(line, "aliases (*name) are not supported: write the value out")
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            start = self.current_event.start_mark  # the node's first event, peeked above
+            line = start.line + 1 if start else 1
+            raise YamlError(line, f"nested more than {MAX_DEPTH} levels deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # A registry of its own, so none of PyYAML's YAML 1.1 resolvers (yes, on, 1:30, dates) apply.
@@ -84,7 +100,13 @@ _Loader.add_implicit_resolver(_TAG + "float", _FLOAT, list("-+0123456789."))
 
 def load(text: str) -> tuple[Plain, Lines]:
     """The document in `text` as plain values, with the line of each; raises YamlError."""
-    loader = _Loader(text)
+    try:
+        # The reader refuses control characters (NUL, ...) as soon as it is made.
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as error:
+        line = text.count("\n", 0, error.position) + 1
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        raise YamlError(line, f"bad YAML: character U+{code:04X} is not allowed") from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:

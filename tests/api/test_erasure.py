@@ -64,6 +64,10 @@ PERSONAL = (
     "94107-1234",
     "anon-forget-xq7",
     "phone-forget-xq7",
+    "Orchard-Lane-xq7",
+    "203.0.113.77",
+    "Browser-Of-Xq7",
+    "Quillonbarr-page",
 )
 
 
@@ -90,6 +94,21 @@ async def settle(mail: Mail) -> None:
     await mail.run()
 
 
+async def visit(mail: Mail, moment: str) -> None:
+    """Someone else browsing and telling who they are."""
+    for visitor in range(3):
+        await mail.send(
+            "identify",
+            anonymousId=f"visitor-{moment}-{visitor}",
+            traits={"first_name": f"Visitor {moment} {visitor}"},
+        )
+        await mail.send(
+            "page",
+            anonymousId=f"visitor-{moment}-{visitor}",
+            properties={"url": f"https://shop.example/catalog/{moment}/{visitor}"},
+        )
+
+
 async def everything(mail: Mail) -> str:
     """Every row of every table, as text."""
     dump = []
@@ -102,7 +121,10 @@ async def everything(mail: Mail) -> str:
 async def test_an_erased_person_leaves_nothing_behind_but_their_removal(
     care: Mail, client: httpx.AsyncClient, database_url: str
 ) -> None:
-    # Two devices of one person, merged; each with something personal.
+    # Two devices of one person, merged; each with something personal. Other visitors'
+    # rows sit in the same pages and outlive the erasure, so the person's bytes are not
+    # dropped with whole pages: only overwriting them removes them from the file.
+    await visit(care, "before")
     await care.send("identify", anonymousId="phone-forget-xq7", traits={"city": "Zzyzx-Springs"})
     await care.send(
         "identify",
@@ -116,8 +138,21 @@ async def test_an_erased_person_leaves_nothing_behind_but_their_removal(
             "zip": "94107-1234",
         },
     )
-    await care.send("track", userId="user-forget-xq7", event="signed_up")
+    await care.send(
+        "track",
+        userId="user-forget-xq7",
+        event="signed_up",
+        properties={"referral_note": "Orchard-Lane-xq7"},
+        context={"ip": "203.0.113.77", "userAgent": "Browser-Of-Xq7"},
+    )
+    await care.send(
+        "page",
+        anonymousId="anon-forget-xq7",
+        properties={"url": "https://shop.example/account?name=Quillonbarr-page"},
+    )
+    await visit(care, "between")
     await care.send("alias", previousId="phone-forget-xq7", userId="user-forget-xq7")
+    await visit(care, "after")
     await settle(care)
     lead_id = await care.lead_id(user_id="user-forget-xq7")
     synced = (await client.get("/v1/audiences/members/export")).json()
