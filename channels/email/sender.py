@@ -2,15 +2,19 @@
 
 An email is claimed by setting it to `sending` with a lease, committed before any
 SMTP traffic, so no other sender (in this process or another) takes it meanwhile.
-Its outcome is recorded only if the row is still `sending` under that same lease:
-a sender that lost its lease cannot overwrite or double-report a result.
+The lease is short and renewed while the batch is being sent, so a slow SMTP server
+never outlasts it, yet the emails of a sender that died go out again within a minute.
+An email is handed to the transport only while its lease has time left, and its
+outcome is recorded only if the row is still `sending` under this sender's lease:
+a sender that lost its lease cannot send it, overwrite or double-report a result.
 
 If a process dies between handing a message to the SMTP server and recording it,
 the row stays `sending` until the lease expires and the message is then sent again.
 No protocol closes that gap (the server's acceptance and our commit cannot be one
 transaction), so delivery is at-least-once at the SMTP edge and exactly-once
 everywhere else: one row per idempotency key, one recorded outcome per row, one
-internal event per outcome.
+internal event per outcome. The resent copy carries the same Message-ID as the
+first (it is derived from the row), so a mailbox that already holds it drops it.
 
 Sequence emails are paced when they are claimed: one due outside its sequence's
 sending window (in the lead's timezone) or over the lead's frequency cap is
@@ -21,6 +25,8 @@ sequence is settled, its run moves on in the same transaction (see sequences.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import random
 from collections.abc import Collection, Mapping
@@ -41,12 +47,12 @@ from channels.email.pacing import FrequencyCap, lead_zone, next_opening
 from channels.email.sequences import step_settled
 from channels.email.templates import EmailTemplates, OfferView
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
-from channels.offers.store import lead_offer
+from channels.offers.store import GRANT, lead_offer
 from engine.clock import Clock
 from engine.db.database import Database
 from engine.db.hashing import hashed_address
-from engine.db.queries import chunks, select_survivors, upsert
-from engine.db.schema import emails, enrollments, sequence_runs, suppressions
+from engine.db.queries import OUTBOX_PENDING, chunks, select_survivors, upsert
+from engine.db.schema import emails, enrollments, outbox, sequence_runs, suppressions
 from engine.ingest.internal import emit
 from engine.journey.model import Window
 from engine.kpis.rollup import bump_email, day_of
@@ -59,9 +65,16 @@ QUEUED, SENDING, SENT, DEFERRED = "queued", "sending", "sent", "deferred"
 FAILED, SUPPRESSED, SKIPPED = "failed", "suppressed", "skipped"
 DUE = (QUEUED, DEFERRED, SENDING)  # SENDING is due again once its lease has expired
 
-# Long enough for a slow SMTP server, short enough that a crashed sender's emails
-# go out again within minutes.
-LEASE = timedelta(minutes=5)
+# Short, so a crashed sender's emails go out again soon after; renewed every
+# RENEW_EVERY_S while the batch is being sent, so a slow SMTP server never outlasts it.
+LEASE = timedelta(seconds=20)
+RENEW_EVERY_S = 5.0
+# An email is handed to the transport only with this much of its lease left: time
+# enough for a renewal to land before it expires.
+SEND_MARGIN = timedelta(seconds=5)
+# Pauses between tries to record an outcome while the database is away: half a minute
+# in all, enough for a restart; beyond it, the email goes out again once its lease expires.
+RECORD_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 MAX_ATTEMPTS = 8
 FIRST_RETRY = timedelta(seconds=30)
 LONGEST_RETRY = timedelta(hours=1)
@@ -95,6 +108,19 @@ class Outcome:
     event: str | None = None  # the internal event reporting it, if any
     suppress: bool = False  # the address bounced: never mail it again
     attempted: bool = False  # handed to the transport: counts as an attempt
+
+
+class Lease:
+    """This sender's lease on one claimed batch: every value it has set `lease_until` to,
+    the latest last. A row is still ours while it holds one of them (another sender's
+    claim sets a value of its own, so it never matches)."""
+
+    def __init__(self, until: datetime) -> None:
+        self.values = [until]
+
+    @property
+    def until(self) -> datetime:
+        return self.values[-1]
 
 
 @dataclass(frozen=True)
@@ -145,14 +171,40 @@ class Sender:
         Nurture emails outside their sequence's sending window, or over the lead's
         frequency cap, are deferred to when they may go instead of being sent."""
         now = self.clock.now()
-        lease = now + LEASE
+        lease = Lease(now + LEASE)
         async with self.db.write() as connection:
             due = await select_due_emails(connection, now, self.batch)
             ready, held = await self._pace(connection, due, now)
-            await lease_emails(connection, [email.id for email in ready], lease, now)
+            await lease_emails(connection, [email.id for email in ready], lease.until, now)
             await hold_emails(connection, held, now)
-        await asyncio.gather(*(self._settle(email, lease) for email in ready))
+        if not ready:
+            return len(due)
+        unsettled = {email.id for email in ready}
+        renewing = asyncio.create_task(self._renew(lease, unsettled))
+        try:
+            await asyncio.gather(*(self._settle(email, lease, unsettled) for email in ready))
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
         return len(due)
+
+    async def _renew(self, lease: Lease, unsettled: set[int]) -> None:
+        """Extend the lease of the batch's emails not settled yet, until cancelled."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            if not unsettled:
+                continue
+            now = self.clock.now()
+            until = now + LEASE
+            # Known before the commit, so an outcome recorded meanwhile still matches.
+            lease.values.append(until)
+            try:
+                async with self.db.write() as connection:
+                    await renew_lease(connection, list(unsettled), lease.values, until, now)
+            except Exception:
+                # The emails keep the lease they had; the next renewal tries again.
+                log.exception("renewing the lease of %d emails failed", len(unsettled))
 
     async def _pace(
         self, connection: AsyncConnection, due: list[Any], now: datetime
@@ -205,14 +257,41 @@ class Sender:
             for lead_id, lead in survivors.items()
         }
 
-    async def _settle(self, email: Any, lease: datetime) -> None:
+    async def _settle(self, email: Any, lease: Lease, unsettled: set[int]) -> None:
         async with self._slots:
             try:
+                if self.clock.now() + SEND_MARGIN >= lease.until:
+                    # Waited for a slot until the lease (no longer renewed) is nearly
+                    # over: another sender may take it any moment, so leave it to them.
+                    log.warning("email %s: lease nearly expired, left for later", email.id)
+                    return
                 outcome = await self._attempt(email)
-                await self._record(email, lease, outcome)
+                await self._record_despite_outages(email, lease, outcome)
             except Exception:
                 # The row keeps its lease and is tried again when it expires.
                 log.exception("email %s: sending or recording failed", email.id)
+            finally:
+                unsettled.discard(email.id)
+
+    async def _record_despite_outages(self, email: Any, lease: Lease, outcome: Outcome) -> None:
+        """Record `outcome`, waiting out a database that is away for a moment (a restart,
+        a failover): once the SMTP server has the message, an outcome not recorded means
+        the email goes out again when its lease expires. Recording after the lease expired
+        is still right as long as no other sender took the email meanwhile."""
+        for pause in RECORD_RETRIES_S:
+            try:
+                await self._record(email, lease, outcome)
+                return
+            except Exception as error:
+                log.warning(
+                    "email %s: recording %s failed (%s); trying again in %.1f s",
+                    email.id,
+                    outcome.status,
+                    error,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+        await self._record(email, lease, outcome)
 
     async def _attempt(self, email: Any) -> Outcome:
         async with self.db.read() as connection:
@@ -304,7 +383,7 @@ class Sender:
             stage=(email.stage or "", stage.title if stage is not None else email.stage or ""),
             unsubscribe_url=unsubscribe_url,
         )
-        return build_message(
+        message = build_message(
             rendered,
             sender=self.sender,
             to=address,
@@ -314,8 +393,13 @@ class Sender:
             open_pixel_url=self.links.open_pixel(email.id, lead_id),
             now=self.clock.now(),
         )
+        # Every try of this email carries the same Message-ID, so a copy resent after a
+        # crash (the first was delivered but not recorded) is one the mailbox drops.
+        del message["Message-ID"]
+        message["Message-ID"] = stable_message_id(email, self._domain)
+        return message
 
-    async def _record(self, email: Any, lease: datetime, outcome: Outcome) -> None:
+    async def _record(self, email: Any, lease: Lease, outcome: Outcome) -> None:
         now = self.clock.now()
         values: dict[str, Any] = {
             "status": outcome.status,
@@ -340,12 +424,6 @@ class Sender:
                 # would only be skipped again, so its run stops here.
                 stop = "address suppressed" if outcome.status == SUPPRESSED else None
                 await step_settled(connection, email.sequence_run_id, stop=stop, now=now)
-            if outcome.status == SENT:
-                await bump_email(connection, email.journey_id, day_of(now), email.template, "sent")
-            elif outcome.event == "email.bounced":
-                await bump_email(
-                    connection, email.journey_id, day_of(now), email.template, "bounced"
-                )
             if outcome.suppress and outcome.to_address is not None:
                 await insert_suppression(
                     connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
@@ -362,7 +440,22 @@ class Sender:
                     at=now,
                     key=f"{outcome.event}:{email.id}",
                 )
+            # Last: the KPI shard rows are shared by every sender, so they are held
+            # only for the moment before the commit.
+            if outcome.status == SENT:
+                await bump_email(connection, email.journey_id, day_of(now), email.template, "sent")
+            elif outcome.event == "email.bounced":
+                await bump_email(
+                    connection, email.journey_id, day_of(now), email.template, "bounced"
+                )
         count_email(outcome.status)
+
+
+def stable_message_id(email: Any, domain: str) -> str:
+    """The Message-ID of `email` (a row of `emails`), the same on every try: unique
+    per row (its id, key and creation time), and telling nothing about the lead."""
+    identity = f"{email.id}|{email.idempotency_key}|{email.created_at.isoformat()}"
+    return f"<{hashlib.sha256(identity.encode()).hexdigest()[:32]}.{email.id}@{domain}>"
 
 
 def _address(traits: Mapping[str, Any]) -> str | None:
@@ -375,9 +468,25 @@ def _address(traits: Mapping[str, Any]) -> str | None:
 # --- the queries -------------------------------------------------------------------------------
 
 
+# An offer the lead was just granted in the same journey, not yet dispatched (or being
+# dispatched by another process right now). Its code is written in the same transaction
+# as the effect is marked dispatched; an email sent before would lack the code it shows.
+_grant_pending = (
+    select(outbox.c.id)
+    .where(
+        outbox.c.lead_id == emails.c.lead_id,
+        outbox.c.journey_id == emails.c.journey_id,
+        outbox.c.action == GRANT,
+        outbox.c.status == OUTBOX_PENDING,
+    )
+    .exists()
+)
+
+
 async def select_due_emails(connection: AsyncConnection, now: datetime, limit: int) -> list[Any]:
     """Due emails not leased by another sender, locked, with the journey version and
-    sequence of the run they belong to (null for a single `email.send`)."""
+    sequence of the run they belong to (null for a single `email.send`). An email waits
+    while an offer granted to its lead in its journey is still being dispatched."""
     return list(
         await connection.execute(
             select(
@@ -390,6 +499,7 @@ async def select_due_emails(connection: AsyncConnection, now: datetime, limit: i
                 emails.c.status.in_(DUE),
                 emails.c.due_at <= now,
                 or_(emails.c.lease_until.is_(None), emails.c.lease_until <= now),
+                ~_grant_pending,
             )
             .order_by(emails.c.due_at, emails.c.id)
             .limit(limit)
@@ -407,6 +517,26 @@ async def lease_emails(
             update(emails)
             .where(emails.c.id.in_(part))
             .values(status=SENDING, lease_until=lease, updated_at=now)
+        )
+
+
+async def renew_lease(
+    connection: AsyncConnection,
+    email_ids: list[int],
+    ours: Collection[datetime],
+    until: datetime,
+    now: datetime,
+) -> None:
+    """Ours until `until`: the emails still `sending` under one of our lease values."""
+    for part in chunks(email_ids):
+        await connection.execute(
+            update(emails)
+            .where(
+                emails.c.id.in_(part),
+                emails.c.status == SENDING,
+                emails.c.lease_until.in_(list(ours)),
+            )
+            .values(lease_until=until, updated_at=now)
         )
 
 
@@ -459,12 +589,16 @@ async def select_capped_sends(
 
 
 async def record_outcome(
-    connection: AsyncConnection, email_id: int, lease: datetime, values: dict[str, Any]
+    connection: AsyncConnection, email_id: int, lease: Lease, values: dict[str, Any]
 ) -> bool:
-    """Whether the email was still ours (sending under `lease`) and is now recorded."""
+    """Whether the email was still ours (sending under our `lease`) and is now recorded."""
     result = await connection.execute(
         update(emails)
-        .where(emails.c.id == email_id, emails.c.status == SENDING, emails.c.lease_until == lease)
+        .where(
+            emails.c.id == email_id,
+            emails.c.status == SENDING,
+            emails.c.lease_until.in_(list(lease.values)),
+        )
         .values(values)
     )
     return result.rowcount == 1

@@ -3,7 +3,11 @@
 The sender needs one answer from a transport: was the message accepted, may it be
 retried, or will it never be delivered. So every failure becomes one of two
 exceptions: TransientFailure (connection refused, timeouts, 4xx replies: try again
-later) or PermanentFailure (5xx replies: retrying cannot help).
+later) or PermanentFailure (a 5xx reply to this message or its recipient: retrying
+cannot help). A 5xx before the recipient is named (the greeting, EHLO, AUTH, the
+sender address) refuses this client, not the message: a configuration to fix (the
+credentials, CJM_EMAIL_FROM, the relay policy), so it is transient, and the queue
+waits for the fix instead of failing every email in it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,20 @@ from urllib.parse import unquote, urlsplit
 
 from aiosmtplib import (
     SMTP,
+    SMTPAuthenticationError,
+    SMTPConnectResponseError,
     SMTPException,
+    SMTPHeloError,
     SMTPNotSupported,
     SMTPRecipientsRefused,
     SMTPResponseException,
+    SMTPSenderRefused,
 )
 
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
 SERVICE_CLOSING = 421  # the server is closing this connection: never reuse it
+# At MAIL FROM, the one refusal about the message itself: too large for the server.
+MESSAGE_TOO_LARGE = 552
 # A Message-ID may hold "/" or other characters a file name must not.
 _UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._@-]")
 
@@ -188,12 +198,22 @@ def _failure(code: int, reason: str, *, recipient: bool) -> TransientFailure | P
     return TransientFailure(f"{code} {reason}")
 
 
+def _refuses_the_client(error: SMTPResponseException) -> bool:
+    """A refusal before any recipient is named: of the connection, the login or the
+    sender address, which every message would meet alike."""
+    if isinstance(error, SMTPSenderRefused):
+        return error.code != MESSAGE_TOO_LARGE
+    return isinstance(error, (SMTPConnectResponseError, SMTPHeloError, SMTPAuthenticationError))
+
+
 def _translate(error: SMTPException) -> TransientFailure | PermanentFailure:
     if isinstance(error, SMTPRecipientsRefused):
         # One recipient per message: the first refusal is the refusal.
         first = error.recipients[0]
         return _failure(first.code, f"{first.recipient}: {first.message}", recipient=True)
     if isinstance(error, SMTPResponseException):
+        if _refuses_the_client(error):
+            return TransientFailure(f"the server refuses this client: {error.code} {error.message}")
         return _failure(error.code, error.message, recipient=False)
     if isinstance(error, SMTPNotSupported):
         return PermanentFailure(error.message, None)
