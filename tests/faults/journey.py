@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
@@ -72,6 +73,12 @@ def _lead_of(to: str) -> int:
     return int(to.removeprefix("lead").split("@")[0])
 
 
+def mailed_from(first_lead: int, received: list[EmailMessage]) -> int:
+    """How many of `received` went to leads numbered `first_lead` or above: the progress
+    of the leads sent last, whatever is still arriving for those sent before."""
+    return sum(_lead_of(str(message["To"])) >= first_lead for message in received)
+
+
 def batch(first: int) -> dict[str, object]:
     """Leads `first` to `first + PER_REQUEST - 1` identify themselves and sign up."""
     messages: list[dict[str, object]] = []
@@ -121,9 +128,12 @@ def interrupted(database_url: str) -> set[tuple[int, str]]:
         " (SELECT count(*) FROM events WHERE processed_at IS NULL) AS events,"
         " (SELECT count(*) FROM emails WHERE status IN ('queued', 'sending', 'deferred'))"
         "   AS unsent,"
-        " (SELECT count(*) FROM outbox WHERE status = 'pending') AS outbox",
+        " (SELECT count(*) FROM outbox WHERE status = 'pending') AS outbox,"
+        " (SELECT count(*) FROM timers) AS timers,"
+        " (SELECT count(*) FROM sequence_runs WHERE status = 'active') AS sequences",
     )
-    assert row.events + row.unsent + row.outbox > 0, "the kill came after the work was done"
+    to_do = row.events + row.unsent + row.outbox + row.timers + row.sequences
+    assert to_do > 0, "the kill came after the work was done"
     return in_doubt(database_url)
 
 
