@@ -97,6 +97,17 @@ def parse_message(
     if not isinstance(payload, dict):
         raise InvalidMessage("a message must be a JSON object")
     _refuse_deep(payload)
+    return _checked_message(payload, type_, received_at, batch_context, call_id)
+
+
+def _checked_message(
+    payload: dict[str, Any],
+    type_: MessageType,
+    received_at: datetime,
+    batch_context: Mapping[str, Any] | None,
+    call_id: str | None,
+) -> Message:
+    """`parse_message` past the checks of the payload's shape and depth."""
     user_id = _identifier(payload, "userId")
     anonymous_id = _identifier(payload, "anonymousId")
     previous_id = None
@@ -173,9 +184,7 @@ def _batch_item(
         raise InvalidMessage("`type` must be one of " + ", ".join(MESSAGE_TYPES))
     if len(orjson.dumps(item)) > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"message exceeds the {MAX_MESSAGE_BYTES // KB} KB limit")
-    return parse_message(
-        item, cast(MessageType, type_), received_at, batch_context=batch_context, call_id=call_id
-    )
+    return _checked_message(item, cast(MessageType, type_), received_at, batch_context, call_id)
 
 
 def _refuse_deep(message: dict[str, Any]) -> None:
