@@ -174,15 +174,15 @@ def prepared(runtime: Runtime, count: int) -> list[Prepared]:
         rendered,
         sender=SENDER,
         to="lead.0@example.com",
-        message_id_domain="doors.example",
+        message_id="<0123456789abcdef0123456789abcdef.0@doors.example>",
         unsubscribe_url=links.unsubscribe(0, 0),
         click_url=lambda url: links.click(0, 0, url),
         open_pixel_url=links.open_pixel(0, 0),
         now=NOW,
     )
-    # Under its own policy with CRLF line ends, as cjm's transport puts it on the wire.
-    wire = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
-    return [("news@doors.example", [f"lead.{n}@example.com"], wire) for n in range(count)]
+    return [
+        (message.envelope_from, [f"lead.{n}@example.com"], message.data) for n in range(count)
+    ]
 
 
 async def send_raw(port: int, messages: list[Prepared]) -> None:

@@ -29,10 +29,10 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -42,18 +42,26 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import Links
-from channels.email.message import build_message
+from channels.email.message import OutgoingEmail, build_message
 from channels.email.pacing import FrequencyCap, lead_zone, next_opening
-from channels.email.sequences import step_settled
+from channels.email.sequences import steps_settled
 from channels.email.templates import EmailTemplates, OfferView
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
-from channels.offers.store import GRANT, lead_offer
+from channels.offers.store import GRANT, latest_offers
 from engine.clock import Clock
 from engine.db.database import Database
 from engine.db.hashing import hashed_address
-from engine.db.queries import OUTBOX_PENDING, chunks, select_survivors, upsert
+from engine.db.queries import (
+    OUTBOX_PENDING,
+    among,
+    chunks,
+    execute_rows,
+    micros,
+    select_survivors,
+    upsert,
+)
 from engine.db.schema import emails, enrollments, outbox, sequence_runs, suppressions
-from engine.ingest.internal import emit
+from engine.ingest.internal import Fact, emit_all
 from engine.journey.model import Window
 from engine.kpis.rollup import bump_email, day_of
 from engine.machine.book import JourneyBook
@@ -132,6 +140,20 @@ class Held:
     reason: str
 
 
+@dataclass(frozen=True)
+class Addressee:
+    """What composing one email needs from the database: the lead (the survivor, if it
+    was merged), its address and whether that is suppressed, the version of the journey
+    the email belongs to, and the offer code the lead holds in it."""
+
+    lead_id: int
+    traits: Mapping[str, Any]
+    address: str | None
+    suppressed: str | None  # why the address must not be mailed, if it must not
+    version: int | None
+    offer: Any | None
+
+
 class Sender:
     """Sends what is due, `concurrency` emails at a time."""
 
@@ -179,15 +201,59 @@ class Sender:
             await hold_emails(connection, held, now)
         if not ready:
             return len(due)
+        addressees = await self._addressees(ready)
         unsettled = {email.id for email in ready}
+        outcomes = _GroupCommit(lambda group: self._record_all(group, lease))
         renewing = asyncio.create_task(self._renew(lease, unsettled))
         try:
-            await asyncio.gather(*(self._settle(email, lease, unsettled) for email in ready))
+            await asyncio.gather(
+                *(
+                    self._settle(email, addressees.get(email.id), lease, unsettled, outcomes)
+                    for email in ready
+                )
+            )
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
+            await outcomes.flushed()
         return len(due)
+
+    async def _addressees(self, ready: list[Any]) -> dict[int, Addressee]:
+        """What composing each email needs, by email id (none for an email whose lead
+        is gone): read for the whole batch at once, just after it was claimed."""
+        async with self.db.read() as connection:
+            survivors = await select_survivors(connection, {email.lead_id for email in ready})
+            addresses = {lead.id: _address(lead.traits) for lead in survivors.values()}
+            reasons = await select_suppressions(
+                connection, {address.lower() for address in addresses.values() if address}
+            )
+            versions = await select_enrollment_versions(
+                connection, {email.enrollment_id for email in ready if email.enrollment_id}
+            )
+            offers = await latest_offers(
+                connection,
+                {
+                    (survivors[email.lead_id].id, email.journey_id)
+                    for email in ready
+                    if email.lead_id in survivors
+                },
+            )
+        found: dict[int, Addressee] = {}
+        for email in ready:
+            lead = survivors.get(email.lead_id)
+            if lead is None:
+                continue
+            address = addresses[lead.id]
+            found[email.id] = Addressee(
+                lead_id=lead.id,
+                traits=lead.traits,
+                address=address,
+                suppressed=reasons.get(address.lower()) if address else None,
+                version=versions.get(email.enrollment_id),
+                offer=offers.get((lead.id, email.journey_id)),
+            )
+        return found
 
     async def _renew(self, lease: Lease, unsettled: set[int]) -> None:
         """Extend the lease of the batch's emails not settled yet, until cancelled."""
@@ -257,32 +323,57 @@ class Sender:
             for lead_id, lead in survivors.items()
         }
 
-    async def _settle(self, email: Any, lease: Lease, unsettled: set[int]) -> None:
-        async with self._slots:
-            try:
+    async def _settle(
+        self,
+        email: Any,
+        addressee: Addressee | None,
+        lease: Lease,
+        unsettled: set[int],
+        outcomes: _GroupCommit,
+    ) -> None:
+        try:
+            async with self._slots:  # bounds the emails on their way to SMTP, not the records
                 if self.clock.now() + SEND_MARGIN >= lease.until:
                     # Waited for a slot until the lease (no longer renewed) is nearly
                     # over: another sender may take it any moment, so leave it to them.
                     log.warning("email %s: lease nearly expired, left for later", email.id)
                     return
-                outcome = await self._attempt(email)
-                await self._record_despite_outages(email, lease, outcome)
-            except Exception:
-                # The row keeps its lease and is tried again when it expires.
-                log.exception("email %s: sending or recording failed", email.id)
-            finally:
-                unsettled.discard(email.id)
+                outcome = await self._attempt(email, addressee)
+            await outcomes.record(email, outcome)
+        except Exception:
+            # The row keeps its lease and is tried again when it expires.
+            log.exception("email %s: sending failed", email.id)
+        finally:
+            unsettled.discard(email.id)
+
+    async def _record_all(self, group: list[tuple[Any, Outcome]], lease: Lease) -> None:
+        """Record a group of outcomes in one transaction; if that fails, each on its own,
+        so that one that cannot be recorded holds up no other."""
+        try:
+            await self._record(group, lease)
+            return
+        except Exception as error:
+            if len(group) == 1:
+                log.warning("recording the outcome of email %s failed (%s)", group[0][0].id, error)
+            else:
+                log.warning("recording %d outcomes together failed (%s)", len(group), error)
+        await asyncio.gather(
+            *(self._record_despite_outages(email, lease, outcome) for email, outcome in group)
+        )
 
     async def _record_despite_outages(self, email: Any, lease: Lease, outcome: Outcome) -> None:
         """Record `outcome`, waiting out a database that is away for a moment (a restart,
         a failover): once the SMTP server has the message, an outcome not recorded means
         the email goes out again when its lease expires. Recording after the lease expired
         is still right as long as no other sender took the email meanwhile."""
-        for pause in RECORD_RETRIES_S:
+        for pause in (*RECORD_RETRIES_S, None):
             try:
-                await self._record(email, lease, outcome)
+                await self._record([(email, outcome)], lease)
                 return
             except Exception as error:
+                if pause is None:
+                    log.exception("email %s: recording %s failed", email.id, outcome.status)
+                    return
                 log.warning(
                     "email %s: recording %s failed (%s); trying again in %.1f s",
                     email.id,
@@ -291,22 +382,20 @@ class Sender:
                     pause,
                 )
                 await asyncio.sleep(pause)
-        await self._record(email, lease, outcome)
 
-    async def _attempt(self, email: Any) -> Outcome:
-        async with self.db.read() as connection:
-            lead = (await select_survivors(connection, [email.lead_id])).get(email.lead_id)
-            address = _address(lead.traits if lead is not None else {})
-            lead_id = lead.id if lead is not None else email.lead_id
-            if lead is None or address is None:
-                return Outcome(SKIPPED, lead_id, error=NO_ADDRESS)
-            reason = await select_suppression(connection, address.lower())
-            version = await select_enrollment_version(connection, email.enrollment_id)
-            offer = await lead_offer(connection, lead_id, email.journey_id)
-        if reason is not None:
-            return Outcome(SUPPRESSED, lead_id, error=f"address suppressed ({reason})")
+    async def _attempt(self, email: Any, addressee: Addressee | None) -> Outcome:
+        if addressee is None or addressee.address is None:
+            lead_id = addressee.lead_id if addressee is not None else email.lead_id
+            return Outcome(SKIPPED, lead_id, error=NO_ADDRESS)
+        lead_id, address = addressee.lead_id, addressee.address
+        if addressee.suppressed is not None:
+            return Outcome(
+                SUPPRESSED, lead_id, error=f"address suppressed ({addressee.suppressed})"
+            )
         try:
-            message = self._compose(email, lead_id, lead.traits, address, version, offer)
+            message = self._compose(
+                email, lead_id, addressee.traits, address, addressee.version, addressee.offer
+            )
         except (TemplateError, ValueError) as error:  # a header with a line break is a ValueError
             error_text = f"cannot render: {error}"
             return Outcome(
@@ -331,7 +420,7 @@ class Sender:
             SENT,
             lead_id,
             to_address=address,
-            message_id=str(message["Message-ID"]),
+            message_id=message.message_id,
             event="email.sent",
             attempted=True,
         )
@@ -364,7 +453,7 @@ class Sender:
         address: str,
         version: int | None,
         offer: Any | None,
-    ) -> EmailMessage:
+    ) -> OutgoingEmail:
         journey = self.book.versions.get((email.journey_id, version or 0)) or self.book.current.get(
             email.journey_id
         )
@@ -383,72 +472,121 @@ class Sender:
             stage=(email.stage or "", stage.title if stage is not None else email.stage or ""),
             unsubscribe_url=unsubscribe_url,
         )
-        message = build_message(
+        return build_message(
             rendered,
             sender=self.sender,
             to=address,
-            message_id_domain=self._domain,
+            # Every try of this email carries the same Message-ID, so a copy resent after
+            # a crash (the first was delivered but not recorded) is one the mailbox drops.
+            message_id=stable_message_id(email, self._domain),
             unsubscribe_url=unsubscribe_url,
             click_url=lambda url: self.links.click(email.id, lead_id, url),
             open_pixel_url=self.links.open_pixel(email.id, lead_id),
             now=self.clock.now(),
         )
-        # Every try of this email carries the same Message-ID, so a copy resent after a
-        # crash (the first was delivered but not recorded) is one the mailbox drops.
-        del message["Message-ID"]
-        message["Message-ID"] = stable_message_id(email, self._domain)
-        return message
 
-    async def _record(self, email: Any, lease: Lease, outcome: Outcome) -> None:
+    async def _record(self, group: list[tuple[Any, Outcome]], lease: Lease) -> None:
+        """Record each outcome of `group` whose email is still ours, in one transaction:
+        the email's row, its run's next step, a bounced address, the internal event, and
+        last the KPI counts."""
         now = self.clock.now()
-        values: dict[str, Any] = {
-            "status": outcome.status,
-            "last_error": outcome.error,
-            "to_address": outcome.to_address,
-            "lease_until": None,
-            "updated_at": now,
-        }
-        if outcome.attempted:
-            values["attempts"] = email.attempts + 1
-        if outcome.retry_at is not None:
-            values["due_at"] = outcome.retry_at
-        if outcome.status == SENT:
-            values["sent_at"] = now
-            values["message_id"] = outcome.message_id
         async with self.db.write() as connection:
-            if not await record_outcome(connection, email.id, lease, values):
-                log.warning("email %s: lease lost before recording %s", email.id, outcome.status)
-                return
-            if email.sequence_run_id is not None and outcome.status != DEFERRED:
-                # The run's next step waits for this one; a suppressed address
-                # would only be skipped again, so its run stops here.
-                stop = "address suppressed" if outcome.status == SUPPRESSED else None
-                await step_settled(connection, email.sequence_run_id, stop=stop, now=now)
-            if outcome.suppress and outcome.to_address is not None:
-                await insert_suppression(
-                    connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
-                )
-            if outcome.event is not None:
-                properties = {"template": email.template, "journey": email.journey_id}
-                if outcome.error is not None:
-                    properties["reason"] = outcome.error
-                await emit(
-                    connection,
-                    lead_id=outcome.lead_id,
-                    name=outcome.event,
-                    properties=properties,
-                    at=now,
-                    key=f"{outcome.event}:{email.id}",
-                )
+            ours = await select_still_ours(connection, [email.id for email, _ in group], lease)
+            recorded = [(email, outcome) for email, outcome in group if email.id in ours]
+            await update_outcomes(connection, recorded, lease, now)
+            # The run's next step waits for this one; a suppressed address would only be
+            # skipped again, so its run stops here.
+            runs = [
+                (email.sequence_run_id, outcome.status)
+                for email, outcome in recorded
+                if email.sequence_run_id is not None
+            ]
+            going_on = [run for run, status in runs if status not in (DEFERRED, SUPPRESSED)]
+            stopping = [run for run, status in runs if status == SUPPRESSED]
+            await steps_settled(connection, going_on, stop=None, now=now)
+            await steps_settled(connection, stopping, stop="address suppressed", now=now)
+            for _, outcome in recorded:
+                if outcome.suppress and outcome.to_address is not None:
+                    await insert_suppression(
+                        connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
+                    )
+            await emit_all(
+                connection,
+                [
+                    Fact(
+                        outcome.lead_id,
+                        outcome.event,
+                        _event_properties(email, outcome),
+                        now,
+                        f"{outcome.event}:{email.id}",
+                    )
+                    for email, outcome in recorded
+                    if outcome.event is not None
+                ],
+            )
             # Last: the KPI shard rows are shared by every sender, so they are held
-            # only for the moment before the commit.
-            if outcome.status == SENT:
-                await bump_email(connection, email.journey_id, day_of(now), email.template, "sent")
-            elif outcome.event == "email.bounced":
-                await bump_email(
-                    connection, email.journey_id, day_of(now), email.template, "bounced"
-                )
-        count_email(outcome.status)
+            # only for the moment before the commit (and taken in one order by all).
+            counts = Counter(
+                (email.journey_id, email.template, counter)
+                for email, outcome in recorded
+                if (counter := _kpi_counter(outcome)) is not None
+            )
+            for (journey_id, template, counter), n in sorted(counts.items()):
+                await bump_email(connection, journey_id, day_of(now), template, counter, n)
+        for email, outcome in group:
+            if email.id in ours:
+                count_email(outcome.status)
+            else:
+                log.warning("email %s: lease lost before recording %s", email.id, outcome.status)
+
+
+def _event_properties(email: Any, outcome: Outcome) -> dict[str, Any]:
+    properties = {"template": email.template, "journey": email.journey_id}
+    if outcome.error is not None:
+        properties["reason"] = outcome.error
+    return properties
+
+
+def _kpi_counter(outcome: Outcome) -> str | None:
+    """The email KPI an outcome counts toward, if any."""
+    if outcome.status == SENT:
+        return "sent"
+    if outcome.event == "email.bounced":
+        return "bounced"
+    return None
+
+
+class _GroupCommit:
+    """Outcomes recorded together: while one group is being written, the next gathers,
+    so a batch of emails costs a few transactions, not one each. `record()` returns once
+    its outcome's group has been written (or has failed: `write` reports that itself)."""
+
+    def __init__(self, write: Callable[[list[tuple[Any, Outcome]]], Awaitable[None]]) -> None:
+        self._write = write
+        self._waiting: list[tuple[Any, Outcome, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, email: Any, outcome: Outcome) -> None:
+        written = asyncio.get_running_loop().create_future()
+        self._waiting.append((email, outcome, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting())
+        await written
+
+    async def flushed(self) -> None:
+        """Once every outcome handed in so far is written, even if its caller was cancelled."""
+        if self._writer is not None:
+            await self._writer
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                await self._write([(email, outcome) for email, outcome, _ in group])
+            finally:
+                for *_, written in group:
+                    if not written.done():
+                        written.set_result(None)
 
 
 def stable_message_id(email: Any, domain: str) -> str:
@@ -588,42 +726,87 @@ async def select_capped_sends(
     return sends
 
 
-async def record_outcome(
-    connection: AsyncConnection, email_id: int, lease: Lease, values: dict[str, Any]
-) -> bool:
-    """Whether the email was still ours (sending under our `lease`) and is now recorded."""
-    result = await connection.execute(
-        update(emails)
-        .where(
-            emails.c.id == email_id,
-            emails.c.status == SENDING,
-            emails.c.lease_until.in_(list(lease.values)),
+async def select_still_ours(
+    connection: AsyncConnection, email_ids: list[int], lease: Lease
+) -> set[int]:
+    """Those of `email_ids` still `sending` under one of our lease values, locked until
+    the commit (on PostgreSQL; SQLite's one writer holds them already)."""
+    ours: set[int] = set()
+    for part in chunks(email_ids):
+        result = await connection.execute(
+            select(emails.c.id)
+            .where(
+                among(connection, emails.c.id, part),
+                emails.c.status == SENDING,
+                emails.c.lease_until.in_(lease.values),
+            )
+            .with_for_update()
         )
-        .values(values)
+        ours.update(result.scalars())
+    return ours
+
+
+async def update_outcomes(
+    connection: AsyncConnection, recorded: list[tuple[Any, Outcome]], lease: Lease, now: datetime
+) -> None:
+    """Each email's row as its outcome leaves it, in one executemany. The lease is checked
+    again, so a row that is no longer ours (select_still_ours) is never written."""
+    at = micros(now)
+    rows = [
+        (
+            outcome.status,
+            outcome.error,
+            outcome.to_address,
+            at,
+            email.attempts + 1 if outcome.attempted else email.attempts,
+            micros(outcome.retry_at),
+            at if outcome.status == SENT else None,
+            outcome.message_id if outcome.status == SENT else None,
+            email.id,
+        )
+        for email, outcome in recorded
+    ]
+    leases = ",".join("?" * len(lease.values))
+    await execute_rows(
+        connection,
+        "UPDATE emails SET status = ?, last_error = ?, to_address = ?, lease_until = NULL,"
+        " updated_at = ?, attempts = ?, due_at = COALESCE(?, due_at),"
+        " sent_at = COALESCE(?, sent_at), message_id = COALESCE(?, message_id)"
+        f" WHERE id = ? AND status = '{SENDING}' AND lease_until IN ({leases})",
+        [(*row, *(micros(value) for value in lease.values)) for row in rows],
     )
-    return result.rowcount == 1
 
 
-async def select_suppression(connection: AsyncConnection, address: str) -> str | None:
-    """Why the (lowercased) address must not be mailed, or None. An erased person's
-    address is kept only as its hash, and still counts."""
-    reason: str | None = await connection.scalar(
-        select(suppressions.c.reason)
-        .where(suppressions.c.email.in_((address, hashed_address(address))))
-        .limit(1)
+async def select_suppressions(
+    connection: AsyncConnection, addresses: Collection[str]
+) -> dict[str, str]:
+    """Why each of the (lowercased) addresses must not be mailed, for those that must not.
+    An erased person's address is kept only as its hash, and still counts."""
+    hashes = {hashed_address(address): address for address in addresses}
+    reasons: dict[str, str] = {}
+    for part in chunks([*addresses, *hashes]):
+        result = await connection.execute(
+            select(suppressions.c.email, suppressions.c.reason).where(
+                suppressions.c.email.in_(part)
+            )
+        )
+        for stored, reason in result:
+            reasons.setdefault(hashes.get(stored, stored), reason)
+    return reasons
+
+
+async def select_enrollment_versions(
+    connection: AsyncConnection, enrollment_ids: Collection[int]
+) -> dict[int, int]:
+    """The journey version of each enrollment."""
+    if not enrollment_ids:
+        return {}
+    result = await connection.execute(
+        select(enrollments.c.id, enrollments.c.version).where(
+            among(connection, enrollments.c.id, enrollment_ids)
+        )
     )
-    return reason
-
-
-async def select_enrollment_version(
-    connection: AsyncConnection, enrollment_id: int | None
-) -> int | None:
-    if enrollment_id is None:
-        return None
-    version: int | None = await connection.scalar(
-        select(enrollments.c.version).where(enrollments.c.id == enrollment_id)
-    )
-    return version
+    return {enrollment_id: version for enrollment_id, version in result}
 
 
 async def insert_suppression(

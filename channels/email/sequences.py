@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.outbox import insert_emails
-from engine.db.queries import OUTBOX_PENDING, chunks, mark_outbox_dispatched, upsert
+from engine.db.queries import OUTBOX_PENDING, among, chunks, mark_outbox_dispatched, upsert
 from engine.db.schema import emails, enrollments, outbox, sequence_runs
 from engine.journey.model import EmailStep, WaitStep
 from engine.machine.book import JourneyBook
@@ -264,23 +264,29 @@ def _step_email(
     }
 
 
-async def step_settled(
-    connection: AsyncConnection, run_id: int, *, stop: str | None, now: datetime
+async def steps_settled(
+    connection: AsyncConnection, run_ids: Collection[int], *, stop: str | None, now: datetime
 ) -> None:
-    """The sender settled the email of the run's current step: the run goes on from now,
-    or stops (`stop` gives the reason: the address is suppressed, say)."""
-    waiting = and_(
-        sequence_runs.c.id == run_id,
-        sequence_runs.c.status == ACTIVE,
-        sequence_runs.c.next_at.is_(None),
-    )
+    """The sender settled the email of each run's current step: the runs go on from now,
+    or stop (`stop` gives the reason: the address is suppressed, say)."""
+    if not run_ids:
+        return
     if stop is None:
         values: dict[str, Any] = {"next_at": now, "updated_at": now}
     else:
         values = {"status": STOPPED, "stop_reason": stop, "ended_at": now, "updated_at": now}
-    await connection.execute(update(sequence_runs).where(waiting).values(values))
+    for part in chunks(list(run_ids)):
+        await connection.execute(
+            update(sequence_runs)
+            .where(
+                among(connection, sequence_runs.c.id, part),
+                sequence_runs.c.status == ACTIVE,
+                sequence_runs.c.next_at.is_(None),
+            )
+            .values(values)
+        )
     if stop is not None:
-        await cancel_emails(connection, [run_id], stop, now)
+        await cancel_emails(connection, list(run_ids), stop, now)
 
 
 # --- the queries -------------------------------------------------------------------------------

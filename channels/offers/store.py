@@ -192,19 +192,27 @@ async def redeem_coupons(connection: AsyncConnection, events: Sequence[Any], now
             log.info("coupon %r in event %s: %s", coupon, event.message_id, result.outcome)
 
 
-async def lead_offer(connection: AsyncConnection, lead_id: int, journey_id: str) -> Any | None:
-    """The code the lead holds in the journey, for its emails: the latest still usable."""
+async def latest_offers(
+    connection: AsyncConnection, wanted: Collection[tuple[int, str]]
+) -> dict[tuple[int, str], Any]:
+    """The code each (lead, journey) of `wanted` holds, for its emails: the latest still
+    usable. Pairs holding none are left out."""
+    if not wanted:
+        return {}
+    found: dict[tuple[int, str], Any] = {}
     result = await connection.execute(
         select(offer_codes)
         .where(
-            offer_codes.c.lead_id == lead_id,
-            offer_codes.c.journey_id == journey_id,
+            among(connection, offer_codes.c.lead_id, {lead_id for lead_id, _ in wanted}),
             offer_codes.c.status == GRANTED,
         )
-        .order_by(offer_codes.c.granted_at.desc(), offer_codes.c.id.desc())
-        .limit(1)
+        .order_by(offer_codes.c.granted_at, offer_codes.c.id)
     )
-    return result.first()
+    for row in result:  # oldest first: the latest of each pair is written last
+        key = (row.lead_id, row.journey_id)
+        if key in wanted:
+            found[key] = row
+    return found
 
 
 @dataclass(frozen=True)

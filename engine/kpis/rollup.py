@@ -397,11 +397,11 @@ BACKFILL_LOCK = 0x6B7069
 
 
 async def bump_email(
-    connection: AsyncConnection, journey_id: str, day: int, template: str, counter: str
+    connection: AsyncConnection, journey_id: str, day: int, template: str, counter: str, n: int = 1
 ) -> None:
-    """Count one email of `template` sent on `day`: sent, opened, clicked, ..."""
+    """Count `n` emails of `template` on `day`: sent, opened, clicked, ..."""
     counts = dict.fromkeys(EMAIL_COUNTERS, 0)
-    counts[counter] = 1
+    counts[counter] = n
     await _add(
         connection,
         kpi_emails,
