@@ -180,9 +180,7 @@ def prepared(runtime: Runtime, count: int) -> list[Prepared]:
         open_pixel_url=links.open_pixel(0, 0),
         now=NOW,
     )
-    return [
-        (message.envelope_from, [f"lead.{n}@example.com"], message.data) for n in range(count)
-    ]
+    return [(message.envelope_from, [f"lead.{n}@example.com"], message.data) for n in range(count)]
 
 
 async def send_raw(port: int, messages: list[Prepared]) -> None:
