@@ -196,7 +196,9 @@ class Runtime:
             self.email = EmailChannel(
                 settings=settings, db=self.db, clock=self.clock, book=self.book, links=self.links
             )
-            self.audiences = AudienceChannel(db=self.db, clock=self.clock, book=self.book)
+            self.audiences = AudienceChannel(
+                db=self.db, clock=self.clock, book=self.book, region=settings.default_region
+            )
         except BaseException:
             await self.db.close()
             raise

@@ -1,5 +1,6 @@
-"""The audience jobs of one process: numbering membership changes for the exports, and
-removing members whose audience `ttl` ran out. Every process running a worker runs
+"""The audience jobs of one process: numbering membership changes for the exports,
+hashing the identifiers of the leads they concern ahead of the exports (identities.py),
+and removing members whose audience `ttl` ran out. Every process running a worker runs
 them; the database keeps them one at a time (see store.py)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from channels.audiences.identities import refresh_identities
 from channels.audiences.store import expire_members, number_changes
 from engine.clock import Clock
 from engine.db.database import Database
@@ -21,10 +23,13 @@ INTERVAL_S = 0.5
 
 
 class AudienceChannel:
-    def __init__(self, *, db: Database, clock: Clock, book: JourneyBook) -> None:
+    def __init__(
+        self, *, db: Database, clock: Clock, book: JourneyBook, region: str | None = None
+    ) -> None:
         self.db = db
         self.clock = clock
         self.book = book
+        self.region = region  # the default region the exports normalise phone numbers in
         self._scheduler: AsyncIOScheduler | None = None
         self._running = asyncio.Lock()  # held by a job, so stop() lets it finish
 
@@ -39,14 +44,18 @@ class AudienceChannel:
                 pass
 
     async def run_once(self) -> None:
-        """Expire what is due and number every change: for tests and one-shot runs."""
+        """Expire what is due, number every change and hash the identifiers of the leads
+        concerned: for tests and one-shot runs."""
         async with self._running:
             async with self.db.write() as connection:
                 await expire_members(connection, self.book.current.values(), self.clock.now())
             while True:
                 async with self.db.write() as connection:
-                    if not await number_changes(connection):
-                        return
+                    numbered = await number_changes(connection)
+                if not numbered:
+                    return
+                # Outside the numbering's transaction: it holds the change counter.
+                await refresh_identities(self.db, set(numbered), self.region)
 
     async def _job(self) -> None:
         try:

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from channels.audiences.normalize import GOOGLE_HEADER, META_SCHEMA, google_row, meta_row
+from channels.audiences.identities import exported_row
+from channels.audiences.normalize import GOOGLE_HEADER, META_SCHEMA
 from channels.audiences.store import Member, Op, last_number, read_members
 from engine.db.database import Database
 
@@ -102,10 +103,7 @@ async def meta_page(
     return {
         "schema": list(META_SCHEMA),
         "op": op,
-        "data": [
-            member.erased["meta"] if member.erased else meta_row(member.traits, region)
-            for member in page
-        ],
+        "data": [exported_row(member, "meta", region) for member in page],
         "next_cursor": following.encode(),
         "has_more": has_more,
     }
@@ -148,7 +146,7 @@ async def csv_export(
     def row(member: Member) -> list[Any]:
         if not google:
             return _clear_row(member)  # an erased lead's traits are empty: nothing in clear
-        return member.erased["google"] if member.erased else google_row(member.traits, region)
+        return exported_row(member, "google", region)
 
     return CsvExport(
         _csv_lines(db, audience, cursor, upto, wanted, header, row),

@@ -176,13 +176,41 @@ def normalize_country(value: object) -> str:
 def meta_row(traits: Mapping[str, object], default_region: str | None) -> list[str]:
     """One lead as a row of a Meta multi-key payload: SHA-256 hex (or "") per
     META_SCHEMA column."""
+    return _meta_row(traits, *_whereabouts(traits, default_region))
+
+
+def google_row(traits: Mapping[str, object], default_region: str | None) -> list[str]:
+    """One lead as a row of a Customer Match CSV under GOOGLE_HEADER: email, phone and
+    names hashed (phone E.164 with its '+', unlike Meta), Country and Zip in clear."""
+    return _google_row(traits, *_whereabouts(traits, default_region))
+
+
+def both_rows(
+    traits: Mapping[str, object], default_region: str | None
+) -> tuple[list[str], list[str]]:
+    """The lead's Meta row and Google row, its phone number read once for both."""
+    whereabouts = _whereabouts(traits, default_region)
+    return _meta_row(traits, *whereabouts), _google_row(traits, *whereabouts)
+
+
+def _whereabouts(
+    traits: Mapping[str, object], default_region: str | None
+) -> tuple[str, str | None, str]:
+    """The lead's country, the region its local formats are read in (its own country's,
+    else the default), and its phone number in E.164."""
     country = normalize_country(traits.get("country"))
-    region = country or default_region  # the lead's own country reads its local formats
+    region = country or default_region
+    return country, region, normalize_phone(traits.get("phone"), region)
+
+
+def _meta_row(
+    traits: Mapping[str, object], country: str, region: str | None, phone: str
+) -> list[str]:
     normalized = (
         normalize_email(traits.get("email")),
         # Meta PHONE: "Remove symbols, letters, and any leading zeroes", with the country
         # code: E.164 without its '+'.
-        normalize_phone(traits.get("phone"), region).removeprefix("+"),
+        phone.removeprefix("+"),
         normalize_name(traits.get("first_name")),
         normalize_name(traits.get("last_name")),
         normalize_city(traits.get("city")),
@@ -193,14 +221,12 @@ def meta_row(traits: Mapping[str, object], default_region: str | None) -> list[s
     return [sha256_hex(value) for value in normalized]
 
 
-def google_row(traits: Mapping[str, object], default_region: str | None) -> list[str]:
-    """One lead as a row of a Customer Match CSV under GOOGLE_HEADER: email, phone and
-    names hashed (phone E.164 with its '+', unlike Meta), Country and Zip in clear."""
-    country = normalize_country(traits.get("country"))
-    region = country or default_region
+def _google_row(
+    traits: Mapping[str, object], country: str, region: str | None, phone: str
+) -> list[str]:
     return [
         sha256_hex(normalize_google_email(traits.get("email"))),
-        sha256_hex(normalize_phone(traits.get("phone"), region)),
+        sha256_hex(phone),
         sha256_hex(normalize_google_name(traits.get("first_name"))),
         sha256_hex(normalize_google_name(traits.get("last_name"))),
         # Region codes are conventionally upper case; Google's own formatter writes them so.

@@ -17,14 +17,20 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import BigInteger, and_, case, exists, func, select, type_coerce, update
+import orjson
+from sqlalchemy import BigInteger, and_, exists, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import execute_rows, upsert
-from engine.db.schema import audience_members, counters, leads, suppressions
-from engine.db.types import Instant
+from engine.db.queries import driver_sql, execute_rows, upsert
+from engine.db.schema import (
+    audience_members,
+    counters,
+    leads,
+    suppressions,
+)
+from engine.db.types import Instant, from_micros
 from engine.journey.model import Journey
 
 CHANGES = "audience_changes"  # the counter of membership change numbers
@@ -33,10 +39,11 @@ SEQUENCE_BATCH = 10_000
 Op = Literal["add", "remove"]
 
 
-async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATCH) -> int:
-    """Number up to `limit` changed memberships after the last number given; returns how
-    many. Run in its own short transaction: the counter's row lock, held to commit, keeps
-    numbering one at a time, so numbers become visible in the order they were given."""
+async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATCH) -> list[int]:
+    """Number up to `limit` changed memberships after the last number given; returns the
+    leads whose memberships were numbered (none: nothing was left to number). Run in its
+    own short transaction: the counter's row lock, held to commit, keeps numbering one
+    at a time, so numbers become visible in the order they were given."""
     # Rows a worker is changing right now are skipped, not waited for: numbering never
     # holds the counter while waiting on a worker, so the two cannot deadlock.
     changed = list(
@@ -49,7 +56,7 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
         )
     )
     if not changed:
-        return 0
+        return []
     await connection.execute(
         upsert(connection, counters)
         .values(name=CHANGES, value=0)
@@ -69,7 +76,7 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
         "UPDATE audience_members SET seq = ? WHERE audience = ? AND lead_id = ? AND seq IS NULL",
         [(number, row.audience, row.lead_id) for number, row in enumerate(changed, start=first)],
     )
-    return len(changed)
+    return [row.lead_id for row in changed]
 
 
 async def expire_members(
@@ -122,6 +129,10 @@ class Member:
     removed_at: datetime | None
     # An erased lead's hashed identifiers by platform ("meta", "google"): all that is left.
     erased: dict[str, list[str]] | None = None
+    # The rows by platform the audience job stored for the lead, and the digest of what
+    # they were made from (identities.py): they hold while it matches the traits.
+    hashed: dict[str, list[str]] | None = None
+    hashed_digest: str | None = None
 
 
 async def last_number(connection: AsyncConnection) -> int:
@@ -136,6 +147,23 @@ def _unsubscribed() -> Any:
     )
 
 
+# Written for the driver, not built with SQLAlchemy: an export reads every member of an
+# audience, and SQLAlchemy's handling of each value (three JSON columns, two instants)
+# cost five times what SQLite takes to find the rows.
+_LEAVING = (
+    "(m.removed_at IS NOT NULL OR EXISTS (SELECT 1 FROM suppressions s"
+    " WHERE s.email = l.email AND s.reason = 'unsubscribed'))"
+)
+_MEMBERS = (
+    "SELECT m.seq, m.lead_id, m.added_at, m.removed_at, l.traits, m.erased, i.rows,"
+    f" i.digest, CASE WHEN {_LEAVING} THEN 'remove' ELSE 'add' END"
+    " FROM audience_members m JOIN leads l ON l.id = m.lead_id"
+    " LEFT JOIN audience_identities i ON i.lead_id = l.id"
+    " WHERE m.audience = ? AND m.seq > ? AND m.seq <= ?{only_adds}"
+    " ORDER BY m.seq LIMIT ?"
+)
+
+
 async def read_members(
     connection: AsyncConnection,
     audience: str,
@@ -147,40 +175,30 @@ async def read_members(
 ) -> list[Member]:
     """The audience's changes numbered in (after, upto], oldest first, at most `limit`:
     each member's latest state. `adds_only` (a full export) leaves out the leavers."""
-    leaving = audience_members.c.removed_at.is_not(None) | _unsubscribed()
-    query = (
-        select(
-            audience_members.c.seq,
-            audience_members.c.lead_id,
-            audience_members.c.added_at,
-            audience_members.c.removed_at,
-            leads.c.traits,
-            audience_members.c.erased,
-            case((leaving, "remove"), else_="add").label("op"),
-        )
-        .join(leads, leads.c.id == audience_members.c.lead_id)
-        .where(
-            audience_members.c.audience == audience,
-            audience_members.c.seq > after,
-            audience_members.c.seq <= upto,
-        )
-        .order_by(audience_members.c.seq)
-        .limit(limit)
+    statement = _MEMBERS.format(only_adds=f" AND NOT {_LEAVING}" if adds_only else "")
+    result = await connection.exec_driver_sql(
+        driver_sql(connection, statement), (audience, after, upto, limit)
     )
-    if adds_only:
-        query = query.where(~leaving)
+    rows = cast(list[tuple[Any, ...]], result.all())
     return [
         Member(
-            row.seq,
-            row.op,
-            row.lead_id,
-            dict(row.traits or {}),
-            row.added_at,
-            row.removed_at,
-            row.erased,
+            seq,
+            op,
+            lead_id,
+            _json(traits) or {},
+            from_micros(added_at),
+            None if removed_at is None else from_micros(removed_at),
+            _json(erased),
+            _json(hashed),
+            digest,
         )
-        for row in await connection.execute(query)
+        for seq, lead_id, added_at, removed_at, traits, erased, hashed, digest, op in rows
     ]
+
+
+def _json(value: Any) -> Any:
+    """A JSON column's value as the driver gives it: text, or decoded already."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 async def count_members(

@@ -24,6 +24,7 @@ from channels.email.sequences import stop_lead_runs
 from engine.db.hashing import HASHED, hashed_address
 from engine.db.queries import upsert
 from engine.db.schema import (
+    audience_identities,
     audience_members,
     emails,
     enrollments,
@@ -98,6 +99,8 @@ async def erase_lead(
         _removal_keys(traits, region),
     )
     counts["suppressions_hashed"] = await _hash_suppressions(connection, ids, addresses)
+    # The hashed rows stored for the exports: the memberships keep their own for removal.
+    await _delete(connection, audience_identities, ids)
     await connection.execute(
         update(leads)
         .where(leads.c.id.in_(ids))

@@ -669,6 +669,19 @@ async def remove_from_audiences(
     )
 
 
+async def renumber_memberships(connection: AsyncConnection, lead_ids: Sequence[int]) -> None:
+    """The leads' current memberships changed (their identifiers did): numbered again,
+    so that the next sync of each audience sends them anew."""
+    if lead_ids:
+        await _where_id_in(
+            connection,
+            "UPDATE audience_members SET seq = NULL"
+            " WHERE removed_at IS NULL AND seq IS NOT NULL AND lead_id IN ({ids})",
+            (),
+            list(lead_ids),
+        )
+
+
 async def forward_to_survivor(connection: AsyncConnection, absorbed: int, survivor: int) -> None:
     """Ids and pending events of a merged lead belong to the lead it was merged into.
 

@@ -220,6 +220,20 @@ class AudienceMember(Base):
     erased: Mapped[dict[str, Any] | None]
 
 
+class AudienceIdentity(Base):
+    """A lead's identifiers as the ad platforms match them, normalised and hashed ahead
+    of the exports: the audience job works them out once per change of the traits, an
+    export reads them. They hold only for the traits and region they were made from
+    (`digest`); an export that finds those changed works the row out itself."""
+
+    __tablename__ = "audience_identities"
+
+    lead_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(32))
+    # The rows as exported: {"meta": [...META_SCHEMA...], "google": [...GOOGLE_HEADER...]}.
+    rows: Mapped[dict[str, Any]]
+
+
 class GoalReached(Base):
     """One goal event of a lead enrolled in a journey: the deals behind C, P and Q."""
 
@@ -505,4 +519,5 @@ kpi_cohorts = cast(Table, KpiCohort.__table__)
 kpi_moves = cast(Table, KpiMove.__table__)
 kpi_stage_times = cast(Table, KpiStageTime.__table__)
 kpi_emails = cast(Table, KpiEmail.__table__)
+audience_identities = cast(Table, AudienceIdentity.__table__)
 kpi_offers = cast(Table, KpiOffer.__table__)

@@ -7,7 +7,7 @@ Either all of it is committed with the events marked processed, or none of it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +44,14 @@ def enrollment_from_row(row: Any) -> Enrollment:
     )
 
 
+# The traits the ad platforms match a lead on (channels/audiences/normalize.py).
+IDENTITY_TRAITS = ("email", "phone", "first_name", "last_name", "city", "state", "zip", "country")
+
+
+def _identity_moved(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    return any(before.get(name) != after.get(name) for name in IDENTITY_TRAITS)
+
+
 def _email_of(traits: dict[str, Any]) -> str | None:
     email = traits.get("email")
     return email.strip().lower()[:320] if isinstance(email, str) and email.strip() else None
@@ -62,6 +70,7 @@ class Changes:
         self.sources: dict[int, str] = {}  # each lead's first-touch source after the batch
         self.sources_moved: set[int] = set()  # leads whose first touch this batch changed
         self.leads: list[queries.LeadUpdate] = []
+        self.identities_moved: list[int] = []  # leads whose IDENTITY_TRAITS this batch changed
         self.enrollments: dict[EnrollmentKey, Enrollment] = {}
         self.effects: list[tuple[int, JourneyEffect]] = []
         self.timers: list[tuple[int, PendingTimer]] = []
@@ -80,7 +89,12 @@ class Changes:
         event_ids: Sequence[int],
         first_touch: FirstTouch,
         first_touch_moved: bool,
+        traits_before: Mapping[str, Any],
     ) -> None:
+        if outcome.lead.traits is not traits_before and _identity_moved(
+            traits_before, outcome.lead.traits
+        ):
+            self.identities_moved.append(lead_id)
         traits = dict(outcome.lead.traits)
         self.leads.append(
             (
@@ -170,6 +184,9 @@ class Changes:
         await queries.insert_goals(connection, goals)
         await queries.add_to_audiences(connection, list(added.values()))
         await queries.remove_from_audiences(connection, list(removed.values()))
+        # Exports send a member's identifiers as they are when its change is numbered:
+        # new ones are sent again, to be matched under them.
+        await queries.renumber_memberships(connection, self.identities_moved)
         await queries.delete_timers(connection, self.fired)
         await queries.delete_timers_of(
             connection, [ids[key] for key in self.cancelled if key in ids]

@@ -222,7 +222,9 @@ class Processor:
                 [(event.timestamp, (event.data or {}).get("context")) for event in lead_events],
             )
             event_ids = [event.id for event in lead_events]
-            changes.add_outcome(row.id, outcome, event_ids, touch, touch != stored_touch)
+            changes.add_outcome(
+                row.id, outcome, event_ids, touch, touch != stored_touch, lead.traits
+            )
             applied.extend(lead_events)
         await changes.write(connection)
         for hook in self.event_hooks:
