@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from channels.email.message import only_mailbox
 from channels.email.pacing import FrequencyCap, load_zone
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./cjm.db"
@@ -56,12 +57,20 @@ class Settings:
                 FrequencyCap.parse(frequency_cap)
             except ValueError as error:
                 raise ValueError(f"CJM_FREQUENCY_CAP: {error}") from None
+        email_from = get("EMAIL_FROM") or cls.email_from
+        try:
+            only_mailbox(email_from)
+        except ValueError:
+            raise ValueError(
+                f"CJM_EMAIL_FROM must name one address, as in 'Shop <news@shop.example>',"
+                f" not {email_from!r}"
+            ) from None
         return cls(
             database_url=get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             journeys_dir=Path(get("JOURNEYS_DIR") or "journeys"),
             templates_dir=Path(get("TEMPLATES_DIR") or "templates/emails"),
             smtp_url=get("SMTP_URL"),
-            email_from=get("EMAIL_FROM") or cls.email_from,
+            email_from=email_from,
             base_url=(get("BASE_URL") or _local_url(host, port_number)).rstrip("/"),
             write_key=get("WRITE_KEY"),
             admin_key=get("ADMIN_KEY"),

@@ -39,6 +39,19 @@ def test_bad_frequency_cap_is_refused_with_the_variable_name(cap: str) -> None:
         Settings.from_env({"CJM_FREQUENCY_CAP": cap})
 
 
+@pytest.mark.parametrize(
+    "sender", ["Portal Doors", "a@x.example, b@y.example", "team: a@x.example;", "news@"]
+)
+def test_a_sender_that_is_not_one_address_is_refused_with_the_variable_name(sender: str) -> None:
+    with pytest.raises(ValueError, match=r"^CJM_EMAIL_FROM must name one address"):
+        Settings.from_env({"CJM_EMAIL_FROM": sender})
+
+
+@pytest.mark.parametrize("sender", ["news@shop.example", "Shop Ünited <news@shop.example>"])
+def test_a_sender_with_or_without_a_name_is_kept_as_written(sender: str) -> None:
+    assert Settings.from_env({"CJM_EMAIL_FROM": sender}).email_from == sender
+
+
 def test_the_cli_reports_a_bad_frequency_cap_as_a_clean_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -110,8 +110,8 @@ def build_message(
         ("message_id", message_id),
     ):
         _refuse_line_breaks(name, value)
-    recipient = _only_mailbox(to)
-    envelope_from = _only_mailbox(sender)
+    recipient = only_mailbox(to)
+    envelope_from = only_mailbox(sender)
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware: a Date header needs an offset")
     if not (message_id.isascii() and unsubscribe_url.isascii()):
@@ -142,7 +142,7 @@ def build_message(
 
 
 @lru_cache(maxsize=64)  # the sender, mostly: the same few for every email
-def _only_mailbox(text: str) -> Address:
+def only_mailbox(text: str) -> Address:
     """The one mailbox `text` names (a display name allowed), or ValueError.
 
     `to` comes from the lead's `email` trait, written by whoever filled in a form:

@@ -33,16 +33,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.links import Links
-from channels.email.message import OutgoingEmail, build_message
+from channels.email.message import OutgoingEmail, build_message, only_mailbox
 from channels.email.pacing import FrequencyCap, lead_zone, next_opening
 from channels.email.sequences import steps_settled
 from channels.email.templates import EmailTemplates, OfferView
@@ -60,7 +59,14 @@ from engine.db.queries import (
     select_survivors,
     upsert,
 )
-from engine.db.schema import emails, enrollments, outbox, sequence_runs, suppressions
+from engine.db.schema import (
+    EMAIL_QUEUE,
+    emails,
+    enrollments,
+    outbox,
+    sequence_runs,
+    suppressions,
+)
 from engine.ingest.internal import Fact, emit_all
 from engine.journey.model import Window
 from engine.kpis.rollup import bump_email, day_of
@@ -71,7 +77,6 @@ log = logging.getLogger("cjm.email")
 
 QUEUED, SENDING, SENT, DEFERRED = "queued", "sending", "sent", "deferred"
 FAILED, SUPPRESSED, SKIPPED = "failed", "suppressed", "skipped"
-DUE = (QUEUED, DEFERRED, SENDING)  # SENDING is due again once its lease has expired
 
 # Short, so a crashed sender's emails go out again soon after; renewed every
 # RENEW_EVERY_S while the batch is being sent, so a slow SMTP server never outlasts it.
@@ -181,7 +186,13 @@ class Sender:
         self.transport = transport
         self.sender = sender
         self.batch = batch
-        self._domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+        try:  # every email would fail to build: refused at start, not one by one
+            self._domain = only_mailbox(sender).domain
+        except ValueError:
+            raise ValueError(
+                f"CJM_EMAIL_FROM must name one address, as in 'Shop <news@shop.example>',"
+                f" not {sender!r}"
+            ) from None
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = rng or random.Random()
         self.cap = cap  # on sequence emails, across journeys
@@ -634,7 +645,7 @@ async def select_due_emails(connection: AsyncConnection, now: datetime, limit: i
             )
             .outerjoin(sequence_runs, sequence_runs.c.id == emails.c.sequence_run_id)
             .where(
-                emails.c.status.in_(DUE),
+                text(f"emails.{EMAIL_QUEUE}"),  # as literals: see the index ix_emails_queue
                 emails.c.due_at <= now,
                 or_(emails.c.lease_until.is_(None), emails.c.lease_until <= now),
                 ~_grant_pending,
@@ -642,6 +653,9 @@ async def select_due_emails(connection: AsyncConnection, now: datetime, limit: i
             .order_by(emails.c.due_at, emails.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=emails)
+            # SQLite's planner, without statistics, would take the status index and
+            # sort every queued email; PostgreSQL picks this one itself.
+            .with_hint(emails, "INDEXED BY ix_emails_queue", dialect_name="sqlite")
         )
     )
 

@@ -247,11 +247,27 @@ class GoalReached(Base):
     value: Mapped[float | None] = mapped_column(Float)
 
 
+# The emails a sender may claim: due, waiting for a retry, or on a lease that may expire.
+EMAIL_QUEUE = "status IN ('queued', 'deferred', 'sending')"
+
+
 class Email(Base):
     """One email to one lead: queued by the outbox, sent once, its fate recorded."""
 
     __tablename__ = "emails"
-    __table_args__ = (Index("ix_emails_status_due_at", "status", "due_at"),)
+    __table_args__ = (
+        Index("ix_emails_status_due_at", "status", "due_at"),
+        # The sender's queue in the order it takes it: a claim reads the first due rows
+        # only, however many are queued. Its condition is written out as literals in the
+        # query too, which is what lets the planner use it.
+        Index(
+            "ix_emails_queue",
+            "due_at",
+            "id",
+            sqlite_where=text(EMAIL_QUEUE),
+            postgresql_where=text(EMAIL_QUEUE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     # The outbox action (or sequence step) it carries out: sent at most once per key.

@@ -17,9 +17,9 @@ from channels.email import RenderedEmail
 from channels.email.message import (
     _PLAIN_ADDRESS,
     OutgoingEmail,
-    _only_mailbox,
     _parsed_mailbox,
     build_message,
+    only_mailbox,
 )
 
 UNSUBSCRIBE = "https://cjm.example.com/e/unsubscribe/tok-u"
@@ -300,4 +300,4 @@ def test_the_wire_reads_back_as_the_standard_library_would_have_written_it(
 def test_a_plain_address_is_known_without_the_parser_as_the_parser_knows_it(
     address: str,
 ) -> None:
-    assert _only_mailbox(address) == _parsed_mailbox(address)
+    assert only_mailbox(address) == _parsed_mailbox(address)
