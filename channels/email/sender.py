@@ -186,13 +186,9 @@ class Sender:
         self.transport = transport
         self.sender = sender
         self.batch = batch
-        try:  # every email would fail to build: refused at start, not one by one
-            self._domain = only_mailbox(sender).domain
-        except ValueError:
-            raise ValueError(
-                f"CJM_EMAIL_FROM must name one address, as in 'Shop <news@shop.example>',"
-                f" not {sender!r}"
-            ) from None
+        # Settings.from_env refuses a sender that is no single address with its variable's
+        # name; one given otherwise raises here, at start, rather than in every email.
+        self._domain = only_mailbox(sender).domain
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = rng or random.Random()
         self.cap = cap  # on sequence emails, across journeys
