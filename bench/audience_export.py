@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import tempfile
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -117,11 +116,11 @@ async def meta_export(db: Database) -> int:
     rows, cursor = 0, Cursor()
     while True:
         page = await meta_page(db, AUDIENCE, cursor, 10_000, None)
-        rows += len(page["data"])
-        json.dumps(page)  # what the API sends
-        if not page["has_more"]:
+        rows += len(page.rows)
+        page.json()  # what the API sends
+        if not page.has_more:
             return rows
-        cursor = Cursor.decode(page["next_cursor"])
+        cursor = Cursor.decode(page.next_cursor)
 
 
 async def google_export(db: Database) -> int:

@@ -884,13 +884,13 @@ async def _meta_pages(
     rows = 0
     while True:
         page = await meta_page(db, audience, cursor, limit, settings.default_region)
-        if page["data"]:
-            write(json.dumps(page, separators=(",", ":")) + "\n")
-            rows += len(page["data"])
-            advance(len(page["data"]))
-        if not page["has_more"]:
-            return rows, str(page["next_cursor"])
-        cursor = Cursor.decode(page["next_cursor"])
+        if page.rows:
+            write(page.json().decode() + "\n")
+            rows += len(page.rows)
+            advance(len(page.rows))
+        if not page.has_more:
+            return rows, page.next_cursor
+        cursor = Cursor.decode(page.next_cursor)
 
 
 async def _csv_file(

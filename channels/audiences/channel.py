@@ -6,11 +6,12 @@ them; the database keeps them one at a time (see store.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from channels.audiences.identities import refresh_identities
+from channels.audiences.identities import refresh_all_identities, refresh_identities
 from channels.audiences.store import expire_members, number_changes
 from engine.clock import Clock
 from engine.db.database import Database
@@ -31,17 +32,36 @@ class AudienceChannel:
         self.book = book
         self.region = region  # the default region the exports normalise phone numbers in
         self._scheduler: AsyncIOScheduler | None = None
+        self._backfill: asyncio.Task[None] | None = None
         self._running = asyncio.Lock()  # held by a job, so stop() lets it finish
 
     async def start(self) -> None:
         self._scheduler = start_periodic([("audiences", self._job)], INTERVAL_S)
+        self._backfill = asyncio.create_task(self._refresh_all(), name="cjm-audience-backfill")
 
     async def stop(self) -> None:
+        if self._backfill is not None:
+            self._backfill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backfill
+            self._backfill = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
             async with self._running:
                 pass
+
+    async def _refresh_all(self) -> None:
+        """Members' rows missing or stale since the last run (an upgrade, another default
+        region, merges), worked out once in the background: exports are right without
+        them, only slower."""
+        try:
+            refreshed = await refresh_all_identities(self.db, self.region)
+        except Exception:
+            log.exception("hashing members' identifiers ahead failed; exports work them out")
+            return
+        if refreshed:
+            log.info("hashed the identifiers of %d audience members ahead", refreshed)
 
     async def run_once(self) -> None:
         """Expire what is due, number every change and hash the identifiers of the leads

@@ -16,11 +16,13 @@ import base64
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from channels.audiences.identities import exported_row
+import orjson
+
+from channels.audiences.identities import platform_rows, row_text
 from channels.audiences.normalize import GOOGLE_HEADER, META_SCHEMA
 from channels.audiences.store import Member, Op, last_number, read_members
 from engine.db.database import Database
@@ -82,38 +84,57 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
+@dataclass(frozen=True)
+class MetaPage:
+    """One page of Meta's Custom Audience payload: one `op`, at most `limit` rows, each
+    the JSON array of one member under META_SCHEMA."""
+
+    op: Op
+    rows: list[str]
+    next_cursor: str
+    has_more: bool
+
+    def json(self) -> bytes:
+        """The page as Meta takes it (`schema`, `data`), with the cursor to go on with."""
+        return orjson.dumps(
+            {
+                "schema": META_SCHEMA,
+                "op": self.op,
+                "data": [orjson.Fragment(row) for row in self.rows],
+                "next_cursor": self.next_cursor,
+                "has_more": self.has_more,
+            }
+        )
+
+
 async def meta_page(
     db: Database, audience: str, cursor: Cursor, limit: int, region: str | None
-) -> dict[str, Any]:
-    """One page of Meta's Custom Audience payload: one `op`, at most `limit` rows."""
+) -> MetaPage:
+    """The page of Meta's payload that starts at `cursor`."""
     async with db.read() as connection:
         upto = cursor.upto if cursor.upto is not None else await last_number(connection)
-        rows = await read_members(
+        rows = await platform_rows(
             connection,
             audience,
+            "meta",
+            region,
             after=cursor.after,
             upto=upto,
             limit=min(limit, META_PAGE) + 1,
             adds_only=cursor.full,
         )
-    op: Op = rows[0].op if rows else "add"
+    op: Op = rows[0][1] if rows else "add"
     page = _leading_run(rows, op, min(limit, META_PAGE))
     has_more = len(rows) > len(page)
-    following = Cursor(page[-1].seq, upto, cursor.full) if has_more else cursor.finished(upto)
-    return {
-        "schema": list(META_SCHEMA),
-        "op": op,
-        "data": [exported_row(member, "meta", region) for member in page],
-        "next_cursor": following.encode(),
-        "has_more": has_more,
-    }
+    following = Cursor(page[-1][0], upto, cursor.full) if has_more else cursor.finished(upto)
+    return MetaPage(op, [text for _, _, text in page], following.encode(), has_more)
 
 
-def _leading_run(rows: list[Member], op: Op, limit: int) -> list[Member]:
+def _leading_run(rows: list[tuple[int, Op, str]], op: Op, limit: int) -> list[tuple[int, Op, str]]:
     """The first rows that share `op`, at most `limit` of them: a page is adds or removes."""
-    page: list[Member] = []
+    page: list[tuple[int, Op, str]] = []
     for row in rows[:limit]:
-        if row.op != op:
+        if row[1] != op:
             break
         page.append(row)
     return page
@@ -141,34 +162,48 @@ async def csv_export(
     async with db.read() as connection:
         upto = cursor.upto if cursor.upto is not None else await last_number(connection)
     wanted = set(ops)
-    header: Iterable[str] = GOOGLE_HEADER if google else CSV_HEADER
-
-    def row(member: Member) -> list[Any]:
-        if not google:
-            return _clear_row(member)  # an erased lead's traits are empty: nothing in clear
-        return exported_row(member, "google", region)
-
-    return CsvExport(
-        _csv_lines(db, audience, cursor, upto, wanted, header, row),
-        cursor.finished(upto).encode(),
+    lines = (
+        _google_lines(db, audience, cursor, upto, wanted, region)
+        if google
+        else _clear_lines(db, audience, cursor, upto, wanted)
     )
+    return CsvExport(lines, cursor.finished(upto).encode())
 
 
-async def _csv_lines(
-    db: Database,
-    audience: str,
-    cursor: Cursor,
-    upto: int,
-    wanted: set[Op],
-    header: Iterable[str],
-    row: Callable[[Member], list[Any]],
+# One short read per chunk: a long export holds no transaction open.
+
+
+async def _google_lines(
+    db: Database, audience: str, cursor: Cursor, upto: int, wanted: set[Op], region: str | None
+) -> AsyncIterator[str]:
+    yield row_text("google", list(GOOGLE_HEADER)) + "\n"
+    after = cursor.after
+    while True:
+        async with db.read() as connection:
+            chunk = await platform_rows(
+                connection,
+                audience,
+                "google",
+                region,
+                after=after,
+                upto=upto,
+                limit=STREAM_CHUNK,
+                adds_only=cursor.full,
+            )
+        yield "".join(f"{text}\n" for _, op, text in chunk if op in wanted)
+        if len(chunk) < STREAM_CHUNK:
+            return
+        after = chunk[-1][0]
+
+
+async def _clear_lines(
+    db: Database, audience: str, cursor: Cursor, upto: int, wanted: set[Op]
 ) -> AsyncIterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow(CSV_HEADER)
     after = cursor.after
     while True:
-        # One short read per chunk: a long export holds no transaction open.
         async with db.read() as connection:
             chunk = await read_members(
                 connection,
@@ -178,7 +213,8 @@ async def _csv_lines(
                 limit=STREAM_CHUNK,
                 adds_only=cursor.full,
             )
-        writer.writerows(row(member) for member in chunk if member.op in wanted)
+        # An erased lead's traits are empty: nothing in clear.
+        writer.writerows(_clear_row(member) for member in chunk if member.op in wanted)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

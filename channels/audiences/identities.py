@@ -1,49 +1,41 @@
-"""Leads' identifiers normalised and hashed ahead of the audience exports.
+"""Leads' rows in the ad platforms' exports, normalised, hashed and written out ahead.
 
 Normalising a lead for Meta and Google (phone numbers above all) costs about ten times
 what hashing the result does, and an export that did it for every row would spend its
 time there on each sync. So the audience job works a lead's rows out when its
-memberships change (which is when they are numbered for the exports) and keeps them in
-`audience_identities`, and exports read them.
+memberships change (which is when they are numbered for the exports), writes them as
+the text the exports send (a JSON array for Meta, a CSV line for Google), and keeps them
+in `audience_identities`; exports splice that text into their pages and files.
 
 A stored row holds only for what it was made from: the lead's identity traits and the
-default region, summed up in its `digest`. An export compares that with the digest of
-the traits it reads, and works out itself the row of a lead whose traits changed since
-(or that no job hashed yet): what is exported is always what the current traits give.
+default region. The database extracts those traits from `leads.traits` itself
+(`identifiers_sql`), so an export checks in its own query, without decoding a trait,
+that the stored extract and region still equal the lead's; it works out the row of a
+lead whose traits changed since (or that no job has hashed yet) from the current traits.
+What is exported is always what the current traits give.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import csv
+import io
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.normalize import both_rows, google_row, meta_row
-from channels.audiences.store import Member
+from channels.audiences.store import OP, Op, json_value, member_rows
 from engine.db.database import Database
-from engine.db.queries import among, chunks, upsert
-from engine.db.schema import audience_identities, leads
+from engine.db.queries import chunks, driver_sql, execute_rows
 from engine.worker.changes import IDENTITY_TRAITS
 
 # Leads read and written per transaction, and hashed between two yields to the event
 # loop (about 6 ms of normalising), which in `cjm serve` also answers tracking calls.
 REFRESH_CHUNK = 500
 HASHED_PER_YIELD = 50
-
-
-def identity_digest(traits: Mapping[str, Any], region: str | None) -> str:
-    """What a lead's rows depend on, in 32 hex digits: the region and its identity traits.
-    Only text counts: normalising makes "" of anything else, as of a missing trait."""
-    values = [region]
-    for name in IDENTITY_TRAITS:
-        value = traits.get(name)
-        values.append(value if isinstance(value, str) else None)
-    return hashlib.blake2b(orjson.dumps(values), digest_size=16).hexdigest()
-
 
 Platform = Literal["meta", "google"]
 # How each platform's row is made from a lead's traits and the default region.
@@ -53,57 +45,138 @@ ROWS: dict[Platform, Callable[[Mapping[str, Any], str | None], list[str]]] = {
 }
 
 
-def identity_rows(traits: Mapping[str, Any], region: str | None) -> dict[str, list[str]]:
-    """The lead's row in each platform's export."""
-    meta, google = both_rows(traits, region)
-    return {"meta": meta, "google": google}
+def identifiers_sql(dialect: str, leads: str) -> str:
+    """SQL giving, for the row `leads` of the leads table, its identity traits' values
+    as one text: equal texts mean equal values, hence equal rows (a trait whose value
+    only looks different, such as a number written another way, just counts as
+    changed). Computed by the same database for storing and for checking."""
+    if dialect == "postgresql":
+        values = ", ".join(f"{leads}.traits -> '{name}'" for name in IDENTITY_TRAITS)
+        return f"json_build_array({values})::text"
+    paths = ", ".join(f"'$.{name}'" for name in IDENTITY_TRAITS)
+    return f"json_extract({leads}.traits, {paths})"  # several paths: a JSON array
 
 
-def exported_row(member: Member, platform: Platform, region: str | None) -> list[str]:
-    """The member's row in `platform`'s export: kept at erasure, stored by the audience
-    job if it still holds for the traits and region, else worked out now."""
-    if member.erased:
-        return member.erased[platform]
-    if member.hashed is not None and member.hashed_digest == identity_digest(member.traits, region):
-        return member.hashed[platform]
-    return ROWS[platform](member.traits, region)
+def row_text(platform: Platform, row: list[str]) -> str:
+    """A row as its platform's export writes it: a JSON array, or a CSV line without
+    its line end (Google's zip is the lead's own text, so it may need quoting)."""
+    if platform == "meta":
+        return orjson.dumps(row).decode()
+    line = io.StringIO()
+    csv.writer(line, lineterminator="").writerow(row)
+    return line.getvalue()
+
+
+async def platform_rows(
+    connection: AsyncConnection,
+    audience: str,
+    platform: Platform,
+    region: str | None,
+    *,
+    after: int,
+    upto: int,
+    limit: int,
+    adds_only: bool,
+) -> list[tuple[int, Op, str]]:
+    """(change number, op, row text) of the members `member_rows` gives: the stored text
+    while it holds for the lead's traits and the region, the rows kept at erasure for an
+    erased lead, else the row worked out now."""
+    fresh = f"i.region = ? AND i.identifiers = {identifiers_sql(connection.dialect.name, 'l')}"
+    found = await member_rows(
+        connection,
+        # The traits only where they are needed: the driver may decode what it reads.
+        # Without a stored row `fresh` is null, and a CASE takes null for false.
+        f"m.seq, {OP}, m.erased, CASE WHEN {fresh} THEN i.{platform} END,"
+        f" CASE WHEN {fresh} THEN NULL ELSE l.traits END",
+        audience,
+        after=after,
+        upto=upto,
+        limit=limit,
+        adds_only=adds_only,
+        join=" LEFT JOIN audience_identities i ON i.lead_id = l.id",
+        column_parameters=(region or "", region or ""),
+    )
+    make = ROWS[platform]
+    rows: list[tuple[int, Op, str]] = []
+    for seq, op, erased, stored, traits in found:
+        if stored is not None:
+            rows.append((seq, op, stored))
+        elif erased is not None:
+            rows.append((seq, op, row_text(platform, json_value(erased)[platform])))
+        else:
+            rows.append((seq, op, row_text(platform, make(json_value(traits) or {}, region))))
+    return rows
+
+
+def _identity_row(
+    lead_id: int, identifiers: str, traits: Any, region: str | None
+) -> tuple[Any, ...]:
+    meta, google = both_rows(json_value(traits) or {}, region)
+    return (lead_id, region or "", identifiers, row_text("meta", meta), row_text("google", google))
 
 
 async def refresh_identities(db: Database, lead_ids: Collection[int], region: str | None) -> int:
     """Store the rows of those leads whose stored ones are missing or stale; returns how
     many were worked out. Erased leads are left alone: their exports carry the rows kept
     at erasure. Two processes refreshing one lead at once store the same rows, or each
-    the rows of the traits it read, under their digest: an export checks which."""
+    the rows of the traits it read with the extract of those traits: an export checks
+    which."""
     refreshed = 0
     for part in chunks(sorted(lead_ids), REFRESH_CHUNK):
         async with db.read() as connection:
-            found = list(
-                await connection.execute(
-                    select(leads.c.id, leads.c.traits, audience_identities.c.digest)
-                    .outerjoin(audience_identities, audience_identities.c.lead_id == leads.c.id)
-                    .where(among(connection, leads.c.id, part), leads.c.erased_at.is_(None))
-                )
+            dialect = connection.dialect.name
+            found = await connection.exec_driver_sql(
+                driver_sql(connection, _stale_query(dialect, len(part))),
+                (region or "", *part),
             )
-        stale = []
-        for number, (lead_id, traits, stored) in enumerate(found, start=1):
+            stale = cast(list[tuple[int, Any, str]], found.all())
+        rows = []
+        for number, (lead_id, traits, identifiers) in enumerate(stale, start=1):
             if number % HASHED_PER_YIELD == 0:
                 await asyncio.sleep(0)
-            digest = identity_digest(traits, region)
-            if digest != stored:
-                rows = identity_rows(traits, region)
-                stale.append({"lead_id": lead_id, "digest": digest, "rows": rows})
-        if stale:
+            rows.append(_identity_row(lead_id, identifiers, traits, region))
+        if rows:
             async with db.write() as connection:
-                statement = upsert(connection, audience_identities)
-                await connection.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["lead_id"],
-                        set_={
-                            "digest": statement.excluded.digest,
-                            "rows": statement.excluded.rows,
-                        },
-                    ),
-                    stale,
-                )
-            refreshed += len(stale)
+                await execute_rows(connection, _STORE, rows)
+            refreshed += len(rows)
     return refreshed
+
+
+def _stale_query(dialect: str, count: int) -> str:
+    identifiers = identifiers_sql(dialect, "l")
+    return (
+        f"SELECT l.id, l.traits, {identifiers} FROM leads l"
+        " LEFT JOIN audience_identities i ON i.lead_id = l.id"
+        f" WHERE l.erased_at IS NULL AND (i.lead_id IS NULL OR i.region <> ?"
+        f" OR i.identifiers <> {identifiers}) AND l.id IN ({', '.join('?' * count)})"
+    )
+
+
+_STORE = (
+    "INSERT INTO audience_identities (lead_id, region, identifiers, meta, google)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (lead_id) DO UPDATE SET region = excluded.region,"
+    " identifiers = excluded.identifiers, meta = excluded.meta, google = excluded.google"
+)
+
+
+async def refresh_all_identities(db: Database, region: str | None) -> int:
+    """Store the rows of every member, of any audience, whose stored ones are missing or
+    stale: after an upgrade, a change of the default region, or traits changed by a
+    merge (which numbers nothing). Run once when the audience job starts; returns how
+    many were worked out."""
+    refreshed, after = 0, 0
+    while True:
+        async with db.read() as connection:
+            found = await connection.exec_driver_sql(
+                driver_sql(
+                    connection,
+                    "SELECT DISTINCT lead_id FROM audience_members WHERE lead_id > ?"
+                    " ORDER BY lead_id LIMIT ?",
+                ),
+                (after, REFRESH_CHUNK),
+            )
+            lead_ids = [lead_id for (lead_id,) in found]
+        if not lead_ids:
+            return refreshed
+        refreshed += await refresh_identities(db, lead_ids, region)
+        after = lead_ids[-1]

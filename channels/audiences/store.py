@@ -129,10 +129,6 @@ class Member:
     removed_at: datetime | None
     # An erased lead's hashed identifiers by platform ("meta", "google"): all that is left.
     erased: dict[str, list[str]] | None = None
-    # The rows by platform the audience job stored for the lead, and the digest of what
-    # they were made from (identities.py): they hold while it matches the traits.
-    hashed: dict[str, list[str]] | None = None
-    hashed_digest: str | None = None
 
 
 async def last_number(connection: AsyncConnection) -> int:
@@ -148,20 +144,45 @@ def _unsubscribed() -> Any:
 
 
 # Written for the driver, not built with SQLAlchemy: an export reads every member of an
-# audience, and SQLAlchemy's handling of each value (three JSON columns, two instants)
-# cost five times what SQLite takes to find the rows.
+# audience, and SQLAlchemy's handling of each value (JSON columns, instants) cost five
+# times what SQLite takes to find the rows.
 _LEAVING = (
     "(m.removed_at IS NOT NULL OR EXISTS (SELECT 1 FROM suppressions s"
     " WHERE s.email = l.email AND s.reason = 'unsubscribed'))"
 )
+# The columns of `member_rows`' queries: `m` is the membership, `l` the lead.
+OP = f"CASE WHEN {_LEAVING} THEN 'remove' ELSE 'add' END"
 _MEMBERS = (
-    "SELECT m.seq, m.lead_id, m.added_at, m.removed_at, l.traits, m.erased, i.rows,"
-    f" i.digest, CASE WHEN {_LEAVING} THEN 'remove' ELSE 'add' END"
-    " FROM audience_members m JOIN leads l ON l.id = m.lead_id"
-    " LEFT JOIN audience_identities i ON i.lead_id = l.id"
+    "SELECT {columns} FROM audience_members m JOIN leads l ON l.id = m.lead_id{join}"
     " WHERE m.audience = ? AND m.seq > ? AND m.seq <= ?{only_adds}"
     " ORDER BY m.seq LIMIT ?"
 )
+
+
+async def member_rows(
+    connection: AsyncConnection,
+    columns: str,
+    audience: str,
+    *,
+    after: int,
+    upto: int,
+    limit: int,
+    adds_only: bool,
+    join: str = "",
+    column_parameters: tuple[Any, ...] = (),
+) -> list[tuple[Any, ...]]:
+    """`columns` of the audience's changes numbered in (after, upto], oldest first, at
+    most `limit`: each member's latest state. `adds_only` (a full export) leaves out the
+    leavers. `join` adds tables to `m` and `l`; `column_parameters` fill the `?` in
+    `columns`. Values come as the driver gives them (JSON as text on SQLite)."""
+    statement = _MEMBERS.format(
+        columns=columns, join=join, only_adds=f" AND NOT {_LEAVING}" if adds_only else ""
+    )
+    result = await connection.exec_driver_sql(
+        driver_sql(connection, statement),
+        (*column_parameters, audience, after, upto, limit),
+    )
+    return cast(list[tuple[Any, ...]], result.all())
 
 
 async def read_members(
@@ -173,30 +194,31 @@ async def read_members(
     limit: int,
     adds_only: bool,
 ) -> list[Member]:
-    """The audience's changes numbered in (after, upto], oldest first, at most `limit`:
-    each member's latest state. `adds_only` (a full export) leaves out the leavers."""
-    statement = _MEMBERS.format(only_adds=f" AND NOT {_LEAVING}" if adds_only else "")
-    result = await connection.exec_driver_sql(
-        driver_sql(connection, statement), (audience, after, upto, limit)
+    """The members `member_rows` gives, with their traits and times."""
+    rows = await member_rows(
+        connection,
+        f"m.seq, m.lead_id, m.added_at, m.removed_at, l.traits, m.erased, {OP}",
+        audience,
+        after=after,
+        upto=upto,
+        limit=limit,
+        adds_only=adds_only,
     )
-    rows = cast(list[tuple[Any, ...]], result.all())
     return [
         Member(
             seq,
             op,
             lead_id,
-            _json(traits) or {},
+            json_value(traits) or {},
             from_micros(added_at),
             None if removed_at is None else from_micros(removed_at),
-            _json(erased),
-            _json(hashed),
-            digest,
+            json_value(erased),
         )
-        for seq, lead_id, added_at, removed_at, traits, erased, hashed, digest, op in rows
+        for seq, lead_id, added_at, removed_at, traits, erased, op in rows
     ]
 
 
-def _json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """A JSON column's value as the driver gives it: text, or decoded already."""
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 

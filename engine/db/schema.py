@@ -221,17 +221,22 @@ class AudienceMember(Base):
 
 
 class AudienceIdentity(Base):
-    """A lead's identifiers as the ad platforms match them, normalised and hashed ahead
-    of the exports: the audience job works them out once per change of the traits, an
-    export reads them. They hold only for the traits and region they were made from
-    (`digest`); an export that finds those changed works the row out itself."""
+    """A lead's rows in the ad platforms' exports, normalised and hashed ahead of them:
+    the audience job works them out once per change of the lead's identifiers, an
+    export reads them. They hold only while the lead's identity traits, as the database
+    extracts them from `leads.traits`, still equal `identifiers`, and the default region
+    is still `region`: an export checks both in its query and works out the row of a
+    lead whose traits changed since (channels/audiences/identities.py)."""
 
     __tablename__ = "audience_identities"
 
     lead_id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    digest: Mapped[str] = mapped_column(String(32))
-    # The rows as exported: {"meta": [...META_SCHEMA...], "google": [...GOOGLE_HEADER...]}.
-    rows: Mapped[dict[str, Any]]
+    region: Mapped[str] = mapped_column(Text)  # "" for none
+    identifiers: Mapped[str] = mapped_column(Text)
+    # The rows as exported, ready to send: a JSON array under META_SCHEMA, and a CSV
+    # line (no line end) under GOOGLE_HEADER.
+    meta: Mapped[str] = mapped_column(Text)
+    google: Mapped[str] = mapped_column(Text)
 
 
 class GoalReached(Base):
