@@ -28,6 +28,7 @@ from jinja2 import (
     UndefinedError,
 )
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from channels.email.text import html_to_text
@@ -102,8 +103,14 @@ class _Undefined(StrictUndefined):
 
 
 def _environment(directory: Path, *, autoescape: bool) -> SandboxedEnvironment:
+    # Each file read once, not looked at again for every email: the templates are
+    # checked when cjm starts (check_templates), and an edited one is taken, checked, at
+    # the next start, as journeys are.
     return SandboxedEnvironment(
-        loader=FileSystemLoader(directory), autoescape=autoescape, undefined=_Undefined
+        loader=FileSystemLoader(directory),
+        autoescape=autoescape,
+        undefined=_Undefined,
+        auto_reload=False,
     )
 
 
@@ -151,18 +158,19 @@ class EmailTemplates:
         for block in REQUIRED_BLOCKS:
             if block not in plain.blocks:
                 raise MissingBlock(name, block)
-        subject = " ".join(_render_block(plain, "subject", variables).split())
+        # The subject and the text share one context, as the blocks of one page do.
+        context = plain.new_context(variables)
+        subject = " ".join(_render_block(plain, "subject", context).split())
         html = self._html.get_template(f"{name}{SUFFIX}").render(variables)
         if "text" in plain.blocks:
-            text = _render_block(plain, "text", variables).strip() + "\n"
+            text = _render_block(plain, "text", context).strip() + "\n"
         else:
             text = html_to_text(html)
         return RenderedEmail(subject=subject, html=html, text=text)
 
 
-def _render_block(template: Template, block: str, variables: dict[str, Any]) -> str:
+def _render_block(template: Template, block: str, context: Context) -> str:
     """One block on its own, with the traceback pointing at template lines, as `render` does."""
-    context = template.new_context(variables)
     try:
         return "".join(template.blocks[block](context))
     except Exception:
