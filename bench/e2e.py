@@ -12,15 +12,20 @@ customer: ingestion and the worker share the process and its cores, as in `cjm s
 Run: `.venv/bin/python bench/e2e.py [leads] [--postgres [SERVER_URL]]` (default 100000,
 SQLite; with --postgres, PostgreSQL too).
 `--headline` runs the 1,000,000-lead case (5,000,000 events).
+`--worker-process` runs the worker in a process of its own, so that ingestion and the
+worker each have a core, as `cjm serve --worker-process` does on a machine of two or
+more cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -149,18 +154,28 @@ async def pending(runtime: Runtime) -> int:
     return int(count or 0)
 
 
-async def run(leads: int, database_url: str) -> dict[str, float]:
+def event_worker(runtime: Runtime) -> Worker:
+    """The worker of `cjm serve`, without the email and audience dispatchers: they have
+    benchmarks of their own."""
+    return Worker(Processor(runtime.db, runtime.book, runtime.clock, event_hooks=[redeem_coupons]))
+
+
+async def run(leads: int, database_url: str, *, worker_process: bool = False) -> dict[str, float]:
+    """Seconds from the first batch until every lead is a customer (and those spent
+    handing the events in). `worker_process`: the worker runs in a process of its own,
+    so that ingestion and the worker each have a core, as in `cjm serve --worker-process`
+    (their write transactions take turns on the SQLite file as there)."""
     settings = settings_for(database_url)
-    # The API's share (inbox) and the worker's, without the email and audience
-    # dispatchers: they have benchmarks of their own.
-    runtime = Runtime(settings, run_worker=False)
+    runtime = Runtime(settings, run_worker=False, writers_take_turns=worker_process)
     await runtime.start()
     tune_garbage_collector()  # as `cjm serve` does once started
-    worker = Worker(
-        Processor(runtime.db, runtime.book, runtime.clock, event_hooks=[redeem_coupons])
-    )
-    runtime.inbox.on_commit = worker.wake
-    await worker.start()
+    worker = None if worker_process else event_worker(runtime)
+    child = WorkerChild(database_url) if worker_process else None
+    if worker is not None:
+        runtime.inbox.on_commit = worker.wake
+        await worker.start()
+    if child is not None:
+        await asyncio.to_thread(child.start)
     try:
         with Stopwatch() as watch:
             ingest_seconds = await send(runtime, leads)
@@ -170,8 +185,55 @@ async def run(leads: int, database_url: str) -> dict[str, float]:
         assert done == leads, f"{done} of {leads} leads reached the customer stage"
         return {"seconds": watch.seconds, "ingest_seconds": ingest_seconds}
     finally:
+        if worker is not None:
+            await worker.stop()
+        if child is not None:
+            await asyncio.to_thread(child.stop)
+        await runtime.stop()
+
+
+class WorkerChild:
+    """`event_worker` in a process of its own on the same database. It is not woken at
+    each commit, as `cjm serve --worker-process` wakes its worker: with a backlog it
+    never waits, and idle it looks every IDLE_POLL_S."""
+
+    def __init__(self, database_url: str) -> None:
+        context = multiprocessing.get_context("spawn")  # a clean interpreter, as cjm's
+        self._ready = context.Event()
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_child_main,
+            args=(database_url, self._ready, self._stop),
+            name="cjm-bench-worker",
+        )
+
+    def start(self) -> None:
+        self._process.start()
+        if not self._ready.wait(120):
+            self._process.kill()
+            raise RuntimeError("the worker process did not start")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
+def _child_main(database_url: str, ready: Event, stop: Event) -> None:
+    async def serve() -> None:
+        runtime = Runtime(settings_for(database_url), run_worker=False, writers_take_turns=True)
+        await runtime.start()
+        tune_garbage_collector()
+        worker = event_worker(runtime)
+        await worker.start()
+        ready.set()
+        await asyncio.to_thread(stop.wait)
         await worker.stop()
         await runtime.stop()
+
+    asyncio.run(serve())
 
 
 def rate_figure(database: str, leads: int, seconds: float, target: int) -> Figure:
@@ -196,13 +258,20 @@ def main() -> None:
         help="also run on PostgreSQL (a database of the benchmark's own on this server)",
     )
     parser.add_argument("--headline", action="store_true", help="1,000,000 leads")
+    parser.add_argument(
+        "--worker-process",
+        action="store_true",
+        help="the worker in a process of its own, as `cjm serve --worker-process`",
+    )
     args = parser.parse_args()
     leads = 1_000_000 if args.headline else args.leads
+    apart: bool = args.worker_process
+    where = ", worker in its own process" if apart else ""
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as directory:
         url = f"sqlite+aiosqlite:///{Path(directory) / 'bench.db'}"
-        result = asyncio.run(run(leads, url))
-    figures.append(rate_figure("SQLite", leads, result["seconds"], 20_000))
+        result = asyncio.run(run(leads, url, worker_process=apart))
+    figures.append(rate_figure(f"SQLite{where}", leads, result["seconds"], 20_000))
     figures.append(
         Figure("  of which ingestion alone", leads * 5 / result["ingest_seconds"], "ev/s")
     )
@@ -218,10 +287,13 @@ def main() -> None:
     if args.postgres:
         with scratch_postgres(args.postgres, "cjm_bench_e2e") as url:
             asyncio.run(upgrade(url))
-            result = asyncio.run(run(leads, url))
-        figures.append(rate_figure("PostgreSQL", leads, result["seconds"], 10_000))
-    figures.append(Figure("peak memory (process)", peak_rss_mib(), "MiB"))
-    report("e2e" if not args.headline else "headline", figures)
+            result = asyncio.run(run(leads, url, worker_process=apart))
+        figures.append(rate_figure(f"PostgreSQL{where}", leads, result["seconds"], 10_000))
+    figures.append(
+        Figure(f"peak memory ({'ingesting ' if apart else ''}process)", peak_rss_mib(), "MiB")
+    )
+    name = "headline" if args.headline else "e2e"
+    report(f"{name}_worker_process" if apart else name, figures)
 
 
 if __name__ == "__main__":
