@@ -97,7 +97,7 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
     app.include_router(dashboard_router(runtime))
-    app.add_middleware(TrackingCors)
+    app.add_middleware(TrackingCors, runtime=runtime)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the tracking schemas, which no route parameter declares."""

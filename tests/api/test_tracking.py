@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select
 
+from engine.api.tracking import tracking_router
 from engine.db.database import Database
 from engine.db.schema import events
 from engine.ingest.inbox import Inbox
@@ -297,3 +299,46 @@ async def test_odd_but_wellformed_bodies_never_get_a_server_error(
 ) -> None:
     response = await client.post("/v1/track", content=content, auth=WRITE)
     assert response.status_code in (200, 400), response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "headers"),
+    [
+        ("/v1/track", b'{"userId": "u1", "event": "x", "messageId": "m-1"}', {}),
+        ("/v1/identify", b'{"anonymousId": "a1", "traits": {"email": "a@x.test"}}', {}),
+        ("/v1/batch", b'{"batch": [{"type": "track", "userId": "u1", "event": "x"}, 7]}', {}),
+        ("/v1/batch", b'{"batch": [7]}', {}),
+        ("/v1/track", b'{"userId": "u1", "event": "x"', {}),
+        ("/v1/track", b'{"userId": "u1", "event": "x"}', {"authorization": "Basic d3Jvbmc6"}),
+        ("/v1/page", b'{"properties": {}}', {}),
+        ("/v1/track", b" " * (33 * 1024), {}),
+    ],
+)
+async def test_the_documented_routes_answer_as_the_tracking_fast_path_does(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    path: str,
+    content: bytes,
+    headers: dict[str, str],
+) -> None:
+    """The app answers tracking POSTs before FastAPI's routing (TrackingCalls); the
+    FastAPI routes, there for the OpenAPI document, must answer alike."""
+    routes_only = FastAPI()
+    routes_only.include_router(tracking_router(runtime))
+    transport = httpx.ASGITransport(app=routes_only)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cjm.test") as plain:
+        answers = [
+            await each.post(path, content=content, auth=None if headers else WRITE, headers=headers)
+            for each in (client, plain)
+        ]
+    fast, routed = ((a.status_code, a.json(), _answer_headers(a)) for a in answers)
+    assert fast == routed
+    assert fast[0] in (200, 400, 401, 413)
+
+
+def _answer_headers(answer: httpx.Response) -> dict[str, str]:
+    return {
+        name: answer.headers[name]
+        for name in ("content-type", "retry-after", "www-authenticate")
+        if name in answer.headers
+    }
