@@ -53,8 +53,8 @@ class AudienceChannel:
 
     async def _refresh_all(self) -> None:
         """Members' rows missing or stale since the last run (an upgrade, another default
-        region, merges), worked out once in the background: exports are right without
-        them, only slower."""
+        region), worked out once in the background: exports are right without them, only
+        slower."""
         try:
             refreshed = await refresh_all_identities(self.db, self.region)
         except Exception:

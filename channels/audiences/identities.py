@@ -24,12 +24,14 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, cast
 
 import orjson
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.normalize import both_rows, google_row, meta_row
 from channels.audiences.store import OP, Op, json_value, member_rows
 from engine.db.database import Database
-from engine.db.queries import chunks, driver_sql, execute_rows
+from engine.db.queries import among, chunks, driver_sql, execute_rows
+from engine.db.schema import leads
 from engine.worker.changes import IDENTITY_TRAITS
 
 # Leads read and written per transaction, and hashed between two yields to the event
@@ -108,16 +110,17 @@ async def platform_rows(
     return rows
 
 
-def _identity_row(
+def identity_row(
     lead_id: int, identifiers: str, traits: Any, region: str | None
 ) -> tuple[Any, ...]:
+    """A lead's row of `audience_identities`, from its traits as read with their extract."""
     meta, google = both_rows(json_value(traits) or {}, region)
     return (lead_id, region or "", identifiers, row_text("meta", meta), row_text("google", google))
 
 
 async def refresh_identities(db: Database, lead_ids: Collection[int], region: str | None) -> int:
     """Store the rows of those leads whose stored ones are missing or stale; returns how
-    many were worked out. Erased leads are left alone: their exports carry the rows kept
+    many were stored. Erased leads are left alone: their exports carry the rows kept
     at erasure. Two processes refreshing one lead at once store the same rows, or each
     the rows of the traits it read with the extract of those traits: an export checks
     which."""
@@ -134,12 +137,31 @@ async def refresh_identities(db: Database, lead_ids: Collection[int], region: st
         for number, (lead_id, traits, identifiers) in enumerate(stale, start=1):
             if number % HASHED_PER_YIELD == 0:
                 await asyncio.sleep(0)
-            rows.append(_identity_row(lead_id, identifiers, traits, region))
+            rows.append(identity_row(lead_id, identifiers, traits, region))
         if rows:
             async with db.write() as connection:
-                await execute_rows(connection, _STORE, rows)
-            refreshed += len(rows)
+                refreshed += await store_identity_rows(connection, rows)
     return refreshed
+
+
+async def store_identity_rows(connection: AsyncConnection, rows: list[tuple[Any, ...]]) -> int:
+    """Store rows made by `identity_row`, but those of leads erased since they were
+    read: the leads are locked against an erasure until the commit (on PostgreSQL;
+    SQLite's one writer holds them already), which deletes the rows stored before it.
+    Returns how many were stored."""
+    live = set(
+        (
+            await connection.execute(
+                select(leads.c.id)
+                .where(among(connection, leads.c.id, [row[0] for row in rows]))
+                .where(leads.c.erased_at.is_(None))
+                .with_for_update(read=True)
+            )
+        ).scalars()
+    )
+    stored = [row for row in rows if row[0] in live]
+    await execute_rows(connection, _STORE, stored)
+    return len(stored)
 
 
 def _stale_query(dialect: str, count: int) -> str:
@@ -161,9 +183,8 @@ _STORE = (
 
 async def refresh_all_identities(db: Database, region: str | None) -> int:
     """Store the rows of every member, of any audience, whose stored ones are missing or
-    stale: after an upgrade, a change of the default region, or traits changed by a
-    merge (which numbers nothing). Run once when the audience job starts; returns how
-    many were worked out."""
+    stale, as after an upgrade or a change of the default region. Run once when the
+    audience job starts; returns how many were stored."""
     refreshed, after = 0, 0
     while True:
         async with db.read() as connection:

@@ -16,13 +16,15 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, literal_column, select, update
 
 from channels.audiences.identities import (
     identifiers_sql,
+    identity_row,
     platform_rows,
     refresh_all_identities,
     row_text,
+    store_identity_rows,
 )
 from channels.audiences.normalize import google_row, meta_row
 from engine.db.schema import audience_identities, leads
@@ -221,6 +223,29 @@ async def test_an_erased_lead_leaves_no_stored_rows(
     await settle(engine)
 
     assert set(await stored(engine)) == {await lead_of(engine, "bob@example.com")}
+
+
+async def test_rows_worked_out_before_an_erasure_are_not_stored_after_it(
+    engine: Engine, client: httpx.AsyncClient
+) -> None:
+    await join(engine, "ann", email="ann@example.com")
+    await join(engine, "bob", email="bob@example.com")
+    ann, bob = await lead_of(engine, "ann@example.com"), await lead_of(engine, "bob@example.com")
+    async with engine.runtime.db.read() as connection:
+        rows = [
+            identity_row(lead_id, identifiers, traits, None)
+            for lead_id, traits, identifiers in await connection.execute(
+                select(leads.c.id, leads.c.traits, literal_column("'x'")).order_by(leads.c.id)
+            )
+        ]
+
+    # Ann is erased between the read of her traits and the write of her rows.
+    answer = await client.delete(f"/v1/leads/{ann}")
+    assert answer.status_code == 200, answer.text
+    async with engine.runtime.db.write() as connection:
+        assert await store_identity_rows(connection, rows) == 1
+
+    assert set(await stored(engine)) == {bob}
 
 
 async def test_exports_read_from_stored_rows_equal_exports_worked_out_afresh(
