@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from channels.audiences.identities import platform_rows, row_text
+from channels.audiences.identities import ExportedRow, platform_rows, row_text
 from channels.audiences.normalize import GOOGLE_HEADER, META_SCHEMA
 from channels.audiences.store import Member, Op, last_number, read_members
 from engine.db.database import Database
@@ -130,9 +130,9 @@ async def meta_page(
     return MetaPage(op, [text for _, _, text in page], following.encode(), has_more)
 
 
-def _leading_run(rows: list[tuple[int, Op, str]], op: Op, limit: int) -> list[tuple[int, Op, str]]:
+def _leading_run(rows: list[ExportedRow], op: Op, limit: int) -> list[ExportedRow]:
     """The first rows that share `op`, at most `limit` of them: a page is adds or removes."""
-    page: list[tuple[int, Op, str]] = []
+    page: list[ExportedRow] = []
     for row in rows[:limit]:
         if row[1] != op:
             break

@@ -40,6 +40,8 @@ REFRESH_CHUNK = 500
 HASHED_PER_YIELD = 50
 
 Platform = Literal["meta", "google"]
+# A member as a platform's export gives it: change number, op, the row as sent.
+ExportedRow = tuple[int, Op, str]
 # How each platform's row is made from a lead's traits and the default region.
 ROWS: dict[Platform, Callable[[Mapping[str, Any], str | None], list[str]]] = {
     "meta": meta_row,
@@ -79,10 +81,10 @@ async def platform_rows(
     upto: int,
     limit: int,
     adds_only: bool,
-) -> list[tuple[int, Op, str]]:
-    """(change number, op, row text) of the members `member_rows` gives: the stored text
-    while it holds for the lead's traits and the region, the rows kept at erasure for an
-    erased lead, else the row worked out now."""
+) -> list[ExportedRow]:
+    """The members `member_rows` gives, each with its row as `platform` takes it: the
+    stored text while it holds for the lead's traits and the region, the row kept at
+    erasure for an erased lead, else the row worked out now."""
     fresh = f"i.region = ? AND i.identifiers = {identifiers_sql(connection.dialect.name, 'l')}"
     found = await member_rows(
         connection,
@@ -99,7 +101,7 @@ async def platform_rows(
         column_parameters=(region or "", region or ""),
     )
     make = ROWS[platform]
-    rows: list[tuple[int, Op, str]] = []
+    rows: list[ExportedRow] = []
     for seq, op, erased, stored, traits in found:
         if stored is not None:
             rows.append((seq, op, stored))
