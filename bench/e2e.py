@@ -179,7 +179,9 @@ async def run(leads: int, database_url: str, *, worker_process: bool = False) ->
     try:
         with Stopwatch() as watch:
             ingest_seconds = await send(runtime, leads)
-            while await pending(runtime):  # noqa: ASYNC110 (the worker has no "idle" event)
+            while await pending(runtime):  # the worker has no "idle" event to wait for
+                if child is not None:
+                    child.check()
                 await asyncio.sleep(0.2)
         done = await customers(runtime)
         assert done == leads, f"{done} of {leads} leads reached the customer stage"
@@ -212,6 +214,11 @@ class WorkerChild:
         if not self._ready.wait(120):
             self._process.kill()
             raise RuntimeError("the worker process did not start")
+
+    def check(self) -> None:
+        """Raise if the process has ended: the events it left would wait forever."""
+        if not self._process.is_alive():
+            raise RuntimeError(f"the worker process ended (exit code {self._process.exitcode})")
 
     def stop(self) -> None:
         self._stop.set()
