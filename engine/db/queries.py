@@ -86,6 +86,16 @@ async def execute_rows(
         await connection.exec_driver_sql(driver_sql(connection, statement), list(rows))
 
 
+def among_sql(
+    connection: AsyncConnection, column: str, values: Sequence[Any]
+) -> tuple[str, tuple[Any, ...]]:
+    """`column IN values` as driver SQL, with its parameters: on PostgreSQL one array
+    parameter (one prepared statement whatever the count), on SQLite one each."""
+    if connection.dialect.name == "postgresql":
+        return f"{column} = ANY(?)", (list(values),)
+    return f"{column} IN ({', '.join('?' * len(values))})", tuple(values)
+
+
 def micros(moment: datetime | None) -> int | None:
     """An instant as `Instant` stores it."""
     if moment is None:
