@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -209,17 +209,8 @@ async def select_known_identities(
     known: dict[Key, int] = {}
     for kind in (USER, ANON):
         values = sorted(value for key_kind, value in keys if key_kind == kind)
-        for chunk in chunks(values):
-            values_in, parameters = among_sql(connection, "value", chunk)
-            rows = await connection.exec_driver_sql(
-                driver_sql(
-                    connection,
-                    f"SELECT value, lead_id FROM {identities.name} WHERE kind = ? AND {values_in}",
-                ),
-                (kind, *parameters),
-            )
-            found = cast(list[tuple[str, int]], rows.all())
-            known.update(((kind, value), lead_id) for value, lead_id in found)
+        found = await _select_identities(connection, "value, lead_id", kind, "value", values)
+        known.update(((kind, value), lead_id) for value, lead_id in found)
     return known
 
 
@@ -227,18 +218,28 @@ async def select_identified_leads(
     connection: AsyncConnection, lead_ids: AbstractSet[int]
 ) -> set[int]:
     """The leads among these that have a user id."""
-    identified: set[int] = set()
-    for chunk in chunks(sorted(lead_ids)):
-        leads_in, parameters = among_sql(connection, "lead_id", chunk)
+    found = await _select_identities(
+        connection, "DISTINCT lead_id", USER, "lead_id", sorted(lead_ids)
+    )
+    return {lead_id for (lead_id,) in found}
+
+
+async def _select_identities(
+    connection: AsyncConnection, columns: str, kind: str, column: str, values: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """`columns` of the identities of `kind` whose `column` is among `values`."""
+    found: list[tuple[Any, ...]] = []
+    for chunk in chunks(values):
+        among, parameters = among_sql(connection, column, chunk)
         rows = await connection.exec_driver_sql(
             driver_sql(
                 connection,
-                f"SELECT DISTINCT lead_id FROM {identities.name} WHERE kind = ? AND {leads_in}",
+                f"SELECT {columns} FROM {identities.name} WHERE kind = ? AND {among}",
             ),
-            (USER, *parameters),
+            (kind, *parameters),
         )
-        identified.update(lead_id for (lead_id,) in rows)
-    return identified
+        found.extend(cast(list[tuple[Any, ...]], rows.all()))
+    return found
 
 
 async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -> list[int]:
