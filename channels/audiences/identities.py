@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from channels.audiences.normalize import both_rows, google_row, meta_row
 from channels.audiences.store import OP, Op, json_value, member_rows
 from engine.db.database import Database
-from engine.db.queries import among, among_sql, chunks, driver_sql, execute_rows
+from engine.db.queries import among, chunks, driver_sql, execute_rows, in_list
 from engine.db.schema import leads
 from engine.worker.changes import IDENTITY_TRAITS
 
@@ -129,9 +129,9 @@ async def refresh_identities(db: Database, lead_ids: Collection[int], region: st
     refreshed = 0
     for part in chunks(sorted(lead_ids), REFRESH_CHUNK):
         async with db.read() as connection:
-            among, parameters = among_sql(connection, "l.id", part)
+            listed, parameters = in_list(connection, part)
             found = await connection.exec_driver_sql(
-                driver_sql(connection, _stale_query(connection.dialect.name, among)),
+                driver_sql(connection, _stale_query(connection.dialect.name, listed)),
                 (region or "", *parameters),
             )
             stale = cast(list[tuple[int, Any, str]], found.all())
@@ -166,14 +166,15 @@ async def store_identity_rows(connection: AsyncConnection, rows: list[tuple[Any,
     return len(stored)
 
 
-def _stale_query(dialect: str, among: str) -> str:
-    """The leads `among` selects (not erased) whose stored rows are missing or stale."""
+def _stale_query(dialect: str, listed: str) -> str:
+    """The leads `listed` (the list of an IN) not erased, whose stored rows are missing
+    or stale."""
     identifiers = identifiers_sql(dialect, "l")
     return (
         f"SELECT l.id, l.traits, {identifiers} FROM leads l"
         " LEFT JOIN audience_identities i ON i.lead_id = l.id"
         f" WHERE l.erased_at IS NULL AND (i.lead_id IS NULL OR i.region <> ?"
-        f" OR i.identifiers <> {identifiers}) AND {among}"
+        f" OR i.identifiers <> {identifiers}) AND l.id IN ({listed})"
     )
 
 

@@ -86,14 +86,15 @@ async def execute_rows(
         await connection.exec_driver_sql(driver_sql(connection, statement), list(rows))
 
 
-def among_sql(
-    connection: AsyncConnection, column: str, values: Sequence[Any]
+def in_list(
+    connection: AsyncConnection, values: Sequence[Any], sql_type: str = "bigint"
 ) -> tuple[str, tuple[Any, ...]]:
-    """`column IN values` as driver SQL, with its parameters: on PostgreSQL one array
-    parameter (one prepared statement whatever the count), on SQLite one each."""
+    """The list of an IN (`column IN (<this>)`) holding `values`, as driver SQL with its
+    parameters: on PostgreSQL one array parameter of `sql_type` (one prepared statement
+    whatever the count), on SQLite a placeholder each."""
     if connection.dialect.name == "postgresql":
-        return f"{column} = ANY(?)", (list(values),)
-    return f"{column} IN ({', '.join('?' * len(values))})", tuple(values)
+        return f"SELECT unnest(?::{sql_type}[])", (list(values),)
+    return ",".join("?" * len(values)), tuple(values)
 
 
 def micros(moment: datetime | None) -> int | None:
@@ -117,14 +118,10 @@ async def _where_id_in(
     in chunks, with the parameters `head` first; how many rows it changed."""
     changed = 0
     for part in chunks(ids):
-        if connection.dialect.name == "postgresql":
-            # One array parameter: one prepared statement whatever the count.
-            sql = statement.format(ids="SELECT unnest(?::bigint[])")
-            parameters: tuple[Any, ...] = (*head, list(part))
-        else:
-            sql = statement.format(ids=",".join("?" * len(part)))
-            parameters = (*head, *part)
-        result = await connection.exec_driver_sql(driver_sql(connection, sql), parameters)
+        listed, parameters = in_list(connection, part)
+        result = await connection.exec_driver_sql(
+            driver_sql(connection, statement.format(ids=listed)), (*head, *parameters)
+        )
         changed += result.rowcount
     return changed
 

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import among_sql, chunks, driver_sql, micros
+from engine.db.queries import chunks, driver_sql, in_list, micros
 from engine.db.schema import identities, leads
 from engine.ingest.messages import Message
 
@@ -209,7 +209,9 @@ async def select_known_identities(
     known: dict[Key, int] = {}
     for kind in (USER, ANON):
         values = sorted(value for key_kind, value in keys if key_kind == kind)
-        found = await _select_identities(connection, "value, lead_id", kind, "value", values)
+        found = await _select_identities(
+            connection, "value, lead_id", kind, "value", values, "text"
+        )
         known.update(((kind, value), lead_id) for value, lead_id in found)
     return known
 
@@ -219,22 +221,29 @@ async def select_identified_leads(
 ) -> set[int]:
     """The leads among these that have a user id."""
     found = await _select_identities(
-        connection, "DISTINCT lead_id", USER, "lead_id", sorted(lead_ids)
+        connection, "DISTINCT lead_id", USER, "lead_id", sorted(lead_ids), "bigint"
     )
     return {lead_id for (lead_id,) in found}
 
 
 async def _select_identities(
-    connection: AsyncConnection, columns: str, kind: str, column: str, values: Sequence[Any]
+    connection: AsyncConnection,
+    columns: str,
+    kind: str,
+    column: str,
+    values: Sequence[Any],
+    sql_type: str,
 ) -> list[tuple[Any, ...]]:
-    """`columns` of the identities of `kind` whose `column` is among `values`."""
+    """`columns` of the identities of `kind` whose `column` (of `sql_type`) is among
+    `values`."""
     found: list[tuple[Any, ...]] = []
     for chunk in chunks(values):
-        among, parameters = among_sql(connection, column, chunk)
+        listed, parameters = in_list(connection, chunk, sql_type)
         rows = await connection.exec_driver_sql(
             driver_sql(
                 connection,
-                f"SELECT {columns} FROM {identities.name} WHERE kind = ? AND {among}",
+                f"SELECT {columns} FROM {identities.name}"
+                f" WHERE kind = ? AND {column} IN ({listed})",
             ),
             (kind, *parameters),
         )
