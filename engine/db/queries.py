@@ -10,14 +10,15 @@ locking clause: there the writer connection's `BEGIN IMMEDIATE` serializes all w
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import BigInteger, ColumnElement, Select, any_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.schema import (
@@ -32,7 +33,7 @@ from engine.db.schema import (
     sequence_runs,
     timers,
 )
-from engine.db.types import to_micros
+from engine.db.types import from_micros, to_micros
 
 # Candidate leads are read from a window of the oldest pending work this many times
 # larger than the claim, so that workers skipping each other's locked leads still fill
@@ -111,19 +112,41 @@ def json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+async def _per_chunk(
+    connection: AsyncConnection,
+    statement: str,
+    head: Sequence[Any],
+    ids: Sequence[int],
+    tail: Sequence[Any] = (),
+) -> AsyncIterator[CursorResult[Any]]:
+    """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
+    in chunks, with the parameters `head` before the list and `tail` after it."""
+    for part in chunks(ids):
+        listed, parameters = in_list(connection, part)
+        yield await connection.exec_driver_sql(
+            driver_sql(connection, statement.format(ids=listed)), (*head, *parameters, *tail)
+        )
+
+
 async def _where_id_in(
     connection: AsyncConnection, statement: str, head: Sequence[Any], ids: Sequence[int]
 ) -> int:
-    """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
-    in chunks, with the parameters `head` first; how many rows it changed."""
-    changed = 0
-    for part in chunks(ids):
-        listed, parameters = in_list(connection, part)
-        result = await connection.exec_driver_sql(
-            driver_sql(connection, statement.format(ids=listed)), (*head, *parameters)
-        )
-        changed += result.rowcount
-    return changed
+    """`_per_chunk` for a statement that changes rows: how many it changed."""
+    return sum([result.rowcount async for result in _per_chunk(connection, statement, head, ids)])
+
+
+async def rows_for_ids(
+    connection: AsyncConnection,
+    statement: str,
+    head: Sequence[Any],
+    ids: Sequence[int],
+    tail: Sequence[Any] = (),
+) -> list[tuple[Any, ...]]:
+    """`_per_chunk` for a query: its rows (tuples, as SQLAlchemy rows are)."""
+    rows: list[tuple[Any, ...]] = []
+    async for result in _per_chunk(connection, statement, head, ids, tail):
+        rows.extend(result.fetchall())
+    return rows
 
 
 def among(connection: AsyncConnection, column: Any, ids: Collection[int]) -> ColumnElement[bool]:
@@ -261,81 +284,147 @@ async def select_survivors(
 # --- loading a batch -----------------------------------------------------------------------------
 
 
-async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
-    rows: list[Any] = []
-    for part in chunks(lead_ids):
-        rows.extend(
-            await connection.execute(
-                select(
-                    leads.c.id,
-                    leads.c.traits,
-                    leads.c.watermark,
-                    leads.c.merged_into,
-                    leads.c.first_source,
-                    leads.c.first_source_at,
-                ).where(among(connection, leads.c.id, part))
-            )
+# The batch's rows, read as plain SQL to the driver and made named tuples once: built
+# and read through SQLAlchemy, each row paid for its result processing and each field
+# for a look-up by name, in the worker's hottest loop. Instants come back as datetimes
+# (`Instant`'s conversion done here), JSON decoded, except where a field says otherwise.
+
+
+class LeadRow(NamedTuple):
+    id: int
+    traits: dict[str, Any]
+    watermark: datetime | None
+    merged_into: int | None
+    first_source: str | None
+    first_source_at: datetime | None
+
+
+class EventRow(NamedTuple):
+    id: int
+    lead_id: int
+    name: str
+    timestamp: datetime
+    message_id: str
+    data: dict[str, Any]  # properties, context, traits, previous_id
+
+
+class DueTimerRow(NamedTuple):
+    id: int
+    lead_id: int
+    due_at: datetime
+    stage: str
+    epoch: int
+    transition: int
+    journey_id: str
+    entry_no: int
+
+
+class EnrollmentRow(NamedTuple):
+    """An enrollment as stored, instants left as integer microseconds: most rows a batch
+    reads are only ranked (the latest run per journey), and only those are converted."""
+
+    id: int
+    lead_id: int
+    journey_id: str
+    version: int
+    entry_no: int
+    stage: str
+    state: str
+    epoch: int
+    entered_at: int
+    stage_entered_at: int
+    ended_at: int | None
+    sequences: list[str]
+
+
+def instant(value: int | None) -> datetime | None:
+    """A nullable `Instant` column's value as read through the driver."""
+    return None if value is None else from_micros(value)
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column's value as the driver gives it: text on SQLite, decoded already on
+    PostgreSQL (SQLAlchemy's asyncpg dialect registers a JSON codec on the connection)."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[LeadRow]:
+    rows = await rows_for_ids(
+        connection,
+        "SELECT id, traits, watermark, merged_into, first_source, first_source_at"
+        " FROM leads WHERE id IN ({ids})",
+        (),
+        lead_ids,
+    )
+    return [
+        LeadRow(
+            lead_id,
+            json_value(traits) or {},
+            instant(watermark),
+            merged_into,
+            first_source,
+            instant(first_source_at),
         )
-    return rows
+        for lead_id, traits, watermark, merged_into, first_source, first_source_at in rows
+    ]
 
 
 async def load_pending_events(
     connection: AsyncConnection, lead_ids: Sequence[int], limit: int
-) -> list[Any]:
-    """Pending events of the leads, each lead's in timestamp then arrival order."""
-    rows: list[Any] = []
+) -> list[EventRow]:
+    """Pending events of the leads, each lead's in timestamp then arrival order, at most
+    `limit` in all."""
+    rows: list[tuple[Any, ...]] = []
     for part in chunks(lead_ids):
-        query = (
-            select(
-                events.c.id,
-                events.c.lead_id,
-                events.c.name,
-                events.c.timestamp,
-                events.c.message_id,
-                events.c.data,
-            )
-            .where(among(connection, events.c.lead_id, part))
-            .where(events.c.processed_at.is_(None))
-            .order_by(events.c.lead_id, events.c.timestamp, events.c.id)
-            .limit(limit)
+        rows += await rows_for_ids(
+            connection,
+            "SELECT id, lead_id, name, timestamp, message_id, data FROM events"
+            " WHERE lead_id IN ({ids}) AND processed_at IS NULL"
+            " ORDER BY lead_id, timestamp, id LIMIT ?",
+            (),
+            part,
+            (limit - len(rows),),
         )
-        rows.extend(await connection.execute(query))
-    return rows
+        if len(rows) >= limit:
+            break
+    return [
+        EventRow(
+            event_id, lead_id, name, from_micros(timestamp), message_id, json_value(data) or {}
+        )
+        for event_id, lead_id, name, timestamp, message_id, data in rows
+    ]
 
 
 async def load_due_timers(
     connection: AsyncConnection, lead_ids: Sequence[int], now: datetime
-) -> list[Any]:
-    rows: list[Any] = []
-    for part in chunks(lead_ids):
-        rows.extend(
-            await connection.execute(
-                select(
-                    timers.c.id,
-                    timers.c.lead_id,
-                    timers.c.due_at,
-                    timers.c.stage,
-                    timers.c.epoch,
-                    timers.c.transition,
-                    enrollments.c.journey_id,
-                    enrollments.c.entry_no,
-                )
-                .join(enrollments, enrollments.c.id == timers.c.enrollment_id)
-                .where(among(connection, timers.c.lead_id, part), timers.c.due_at <= now)
-            )
+) -> list[DueTimerRow]:
+    rows = await rows_for_ids(
+        connection,
+        "SELECT t.id, t.lead_id, t.due_at, t.stage, t.epoch, t.transition, e.journey_id,"
+        " e.entry_no FROM timers t JOIN enrollments e ON e.id = t.enrollment_id"
+        " WHERE t.due_at <= ? AND t.lead_id IN ({ids})",
+        (micros(now),),
+        lead_ids,
+    )
+    return [
+        DueTimerRow(
+            timer_id, lead_id, from_micros(due_at), stage, epoch, transition, journey_id, entry_no
         )
-    return rows
+        for timer_id, lead_id, due_at, stage, epoch, transition, journey_id, entry_no in rows
+    ]
 
 
-async def load_enrollments(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[Any]:
-    rows: list[Any] = []
-    for part in chunks(lead_ids):
-        rows.extend(
-            await connection.execute(
-                select(enrollments).where(among(connection, enrollments.c.lead_id, part))
-            )
-        )
-    return rows
+async def load_enrollments(
+    connection: AsyncConnection, lead_ids: Sequence[int]
+) -> list[EnrollmentRow]:
+    rows = await rows_for_ids(
+        connection,
+        "SELECT id, lead_id, journey_id, version, entry_no, stage, state, epoch, entered_at,"
+        " stage_entered_at, ended_at, sequences FROM enrollments WHERE lead_id IN ({ids})",
+        (),
+        lead_ids,
+    )
+    return [EnrollmentRow._make((*row[:-1], json_value(row[-1]) or [])) for row in rows]
 
 
 async def merges_pending(

@@ -28,7 +28,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.database import Database
-from engine.db.queries import among, chunks, execute_rows
+from engine.db.queries import chunks, execute_rows, rows_for_ids
 from engine.db.schema import (
     enrollments,
     goals,
@@ -103,6 +103,9 @@ class LeadFigures:
     source: str
     goals: int = 0
     value: float = 0.0
+
+    def copy(self) -> LeadFigures:
+        return LeadFigures(self.day, self.source, self.goals, self.value)
 
 
 LeadKey = tuple[str, int]  # journey id, lead id
@@ -201,7 +204,7 @@ async def record_batch(
     if not lead_ids:
         return
     before = await load_figures(connection, lead_ids)
-    after = {key: replace(figures) for key, figures in before.items()}
+    after = {key: figures.copy() for key, figures in before.items()}
     for (_, lead_id), figures in after.items():
         figures.source = sources.get(lead_id, figures.source)
     deltas = Deltas()
@@ -436,15 +439,17 @@ OFFER_COUNTERS = ("granted", "redeemed", "expired", "refused")
 async def load_figures(
     connection: AsyncConnection, lead_ids: Iterable[int]
 ) -> dict[LeadKey, LeadFigures]:
-    found: dict[LeadKey, LeadFigures] = {}
-    for part in chunks(sorted(set(lead_ids))):
-        for row in await connection.execute(
-            select(kpi_leads).where(among(connection, kpi_leads.c.lead_id, part))
-        ):
-            found[(row.journey_id, row.lead_id)] = LeadFigures(
-                row.day, row.source, row.goals, row.value
-            )
-    return found
+    rows = await rows_for_ids(
+        connection,
+        "SELECT journey_id, lead_id, day, source, goals, value FROM kpi_leads"
+        " WHERE lead_id IN ({ids})",
+        (),
+        sorted(set(lead_ids)),
+    )
+    return {
+        (journey_id, lead_id): LeadFigures(day, source, goals, value)
+        for journey_id, lead_id, day, source, goals, value in rows
+    }
 
 
 async def _write_figures(

@@ -302,6 +302,7 @@ class _Run:
 # --- positional constructors for the inner loop (see engine/machine/values.py) -------------------
 
 _JOURNEY_EFFECT = slot_setters(JourneyEffect)
+_LEAD_EVENT = slot_setters(LeadEvent)
 _PENDING_TIMER = slot_setters(PendingTimer)
 _LEAD = slot_setters(Lead)
 _OUTCOME = slot_setters(Outcome)
@@ -317,6 +318,29 @@ def new_journey_effect(
     set_entry_no(made, entry_no)
     set_at(made, at)
     set_effect(made, effect)
+    return made
+
+
+def new_lead_event(
+    seq: int,
+    name: str,
+    timestamp: datetime,
+    message_id: str,
+    properties: Mapping[str, Any],
+    context: Mapping[str, Any],
+    traits: Mapping[str, Any],
+) -> LeadEvent:
+    set_seq, set_name, set_timestamp, set_message_id, set_properties, set_context, set_traits = (
+        _LEAD_EVENT
+    )
+    made = _new(LeadEvent)
+    set_seq(made, seq)
+    set_name(made, name)
+    set_timestamp(made, timestamp)
+    set_message_id(made, message_id)
+    set_properties(made, properties)
+    set_context(made, context)
+    set_traits(made, traits)
     return made
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
+from engine.db.types import from_micros
 from engine.kpis.rollup import record_batch
 from engine.kpis.sources import FirstTouch
 from engine.machine.lead import JourneyEffect, Outcome, PendingTimer
@@ -21,26 +22,28 @@ from engine.machine.values import (
     AddToAudience,
     ChannelAction,
     Enrollment,
+    EnrollmentState,
     ReachGoal,
     RemoveFromAudience,
     Transitioned,
+    new_enrollment,
 )
 
 EnrollmentKey = tuple[int, str, int]  # lead id, journey id, entry number
 
 
-def enrollment_from_row(row: Any) -> Enrollment:
-    return Enrollment(
-        journey_id=row.journey_id,
-        version=row.version,
-        entry_no=row.entry_no,
-        stage=row.stage,
-        state=row.state,
-        epoch=row.epoch,
-        entered_at=row.entered_at,
-        stage_entered_at=row.stage_entered_at,
-        ended_at=row.ended_at,
-        sequences=tuple(row.sequences or ()),
+def enrollment_from_row(row: queries.EnrollmentRow) -> Enrollment:
+    return new_enrollment(
+        row.journey_id,
+        row.version,
+        row.entry_no,
+        row.stage,
+        cast(EnrollmentState, row.state),
+        row.epoch,
+        from_micros(row.entered_at),
+        from_micros(row.stage_entered_at),
+        queries.instant(row.ended_at),
+        tuple(row.sequences),
     )
 
 

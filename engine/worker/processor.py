@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,7 +23,14 @@ from engine.db.database import Database
 from engine.journey.model import Journey
 from engine.kpis.sources import FirstTouch, first_touch
 from engine.machine.book import JourneyBook
-from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
+from engine.machine.lead import (
+    LeadEvent,
+    PendingTimer,
+    advance,
+    new_lead,
+    new_lead_event,
+    new_pending_timer,
+)
 from engine.machine.values import Enrollment, Transitioned
 from engine.metrics import count_worker_batch
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
@@ -58,7 +65,7 @@ class Tally:
 
 # Work a channel does in the worker's transaction with the events it applies (an
 # offer code in `properties.coupon` is redeemed): exactly once, as the events are.
-EventHook = Callable[[AsyncConnection, Sequence[Any], datetime], Awaitable[None]]
+EventHook = Callable[[AsyncConnection, Sequence[queries.EventRow], datetime], Awaitable[None]]
 
 
 class Processor:
@@ -186,8 +193,8 @@ class Processor:
         }
         latest = _latest_enrollments(enrollment_rows)
         changes = Changes(known, now)
-        applied: list[Any] = []
-        failed: list[tuple[int, list[Any], list[Any]]] = []
+        applied: list[queries.EventRow] = []
+        failed: list[tuple[int, list[queries.EventRow], list[queries.DueTimerRow]]] = []
         for row in live:
             until = horizons.get(row.id)
             if until is None:
@@ -203,7 +210,7 @@ class Processor:
                 continue
             lead_events = events_by_lead.get(row.id, [])
             lead_timers = [t for t in timers_by_lead.get(row.id, []) if t.due_at <= until]
-            lead = Lead(row.traits or {}, row.watermark, runs)
+            lead = new_lead(row.traits, row.watermark, runs)
             try:
                 outcome = advance(
                     self.book,
@@ -219,7 +226,7 @@ class Processor:
             stored_touch = FirstTouch(row.first_source, row.first_source_at)
             touch = first_touch(
                 stored_touch,
-                [(event.timestamp, (event.data or {}).get("context")) for event in lead_events],
+                [(event.timestamp, event.data.get("context")) for event in lead_events],
             )
             event_ids = [event.id for event in lead_events]
             changes.add_outcome(
@@ -243,8 +250,8 @@ class Processor:
         self,
         connection: AsyncConnection,
         lead_id: int,
-        lead_events: Sequence[Any],
-        lead_timers: Sequence[Any],
+        lead_events: Sequence[queries.EventRow],
+        lead_timers: Sequence[queries.DueTimerRow],
         now: datetime,
     ) -> None:
         """Set aside a lead the machine failed on (a bug: the core is deterministic).
@@ -261,15 +268,21 @@ class Processor:
         log.error("lead %s set aside: its events are kept, marked with the error", lead_id)
 
 
-def _group(rows: Sequence[Any]) -> dict[int, list[Any]]:
-    grouped: dict[int, list[Any]] = {}
+Row = TypeVar("Row", queries.EventRow, queries.DueTimerRow)
+
+
+def _group(rows: Sequence[Row]) -> dict[int, list[Row]]:
+    grouped: dict[int, list[Row]] = {}
     for row in rows:
         grouped.setdefault(row.lead_id, []).append(row)
     return grouped
 
 
 def _horizons(
-    leads: Sequence[Any], events_by_lead: dict[int, list[Any]], limit: int, now: datetime
+    leads: Sequence[queries.LeadRow],
+    events_by_lead: dict[int, list[queries.EventRow]],
+    limit: int,
+    now: datetime,
 ) -> dict[int, datetime]:
     """How far in time each lead may be taken in this batch.
 
@@ -286,10 +299,13 @@ def _horizons(
     return horizons
 
 
-def _latest_enrollments(rows: Sequence[Any]) -> dict[int, dict[str, Enrollment]]:
+def _latest_enrollments(
+    rows: Sequence[queries.EnrollmentRow],
+) -> dict[int, dict[str, Enrollment]]:
     """Per lead and journey: the active run, else the one that entered last (the core
-    numbers a new run after it; merges renumber runs in their order of entry)."""
-    latest: dict[int, dict[str, Any]] = {}
+    numbers a new run after it; merges renumber runs in their order of entry). Only
+    those become machine values."""
+    latest: dict[int, dict[str, queries.EnrollmentRow]] = {}
     for row in rows:
         per_lead = latest.setdefault(row.lead_id, {})
         held = per_lead.get(row.journey_id)
@@ -301,30 +317,24 @@ def _latest_enrollments(rows: Sequence[Any]) -> dict[int, dict[str, Enrollment]]
     }
 
 
-def _rank(row: Any) -> tuple[bool, datetime, int]:
+def _rank(row: queries.EnrollmentRow) -> tuple[bool, int, int]:
     return (row.state == "active", row.entered_at, row.entry_no)
 
 
-def _lead_event(row: Any) -> LeadEvent:
-    data = row.data or {}
-    return LeadEvent(
-        seq=row.id,
-        name=row.name,
-        timestamp=row.timestamp,
-        message_id=row.message_id,
-        properties=data.get("properties") or {},
-        context=data.get("context") or {},
-        traits=data.get("traits") or {},
+def _lead_event(row: queries.EventRow) -> LeadEvent:
+    data = row.data
+    return new_lead_event(
+        row.id,
+        row.name,
+        row.timestamp,
+        row.message_id,
+        data.get("properties") or {},
+        data.get("context") or {},
+        data.get("traits") or {},
     )
 
 
-def _pending_timer(row: Any) -> PendingTimer:
-    return PendingTimer(
-        journey_id=row.journey_id,
-        entry_no=row.entry_no,
-        stage=row.stage,
-        epoch=row.epoch,
-        transition=row.transition,
-        due_at=row.due_at,
-        id=row.id,
+def _pending_timer(row: queries.DueTimerRow) -> PendingTimer:
+    return new_pending_timer(
+        row.journey_id, row.entry_no, row.stage, row.epoch, row.transition, row.due_at, row.id
     )
