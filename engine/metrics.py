@@ -10,7 +10,8 @@ counts nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import collections
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -55,15 +56,18 @@ QUEUE_DEPTH = Gauge(
 
 
 def count_ingested(types: Iterable[str]) -> None:
-    for type_ in types:
-        EVENTS_INGESTED.labels(type_).inc()
+    # Counted per type first: a child's look-up and increment each take a lock, a cost
+    # paid per group committed rather than per message.
+    for type_, count in collections.Counter(types).items():
+        EVENTS_INGESTED.labels(type_).inc(count)
 
 
-def count_worker_batch(transitions: Mapping[str, int], timer_lags: Iterable[float]) -> None:
+def count_worker_batch(transitions: Mapping[str, int], timer_lags: Sequence[float]) -> None:
     for journey, count in transitions.items():
         TRANSITIONS.labels(journey).inc(count)
+    if timer_lags:
+        TIMERS_FIRED.inc(len(timer_lags))
     for lag in timer_lags:
-        TIMERS_FIRED.inc()
         TIMER_LAG.observe(max(lag, 0.0))
 
 

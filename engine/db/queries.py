@@ -116,13 +116,15 @@ async def _per_chunk(
     connection: AsyncConnection,
     statement: str,
     head: Sequence[Any],
-    ids: Sequence[int],
+    ids: Sequence[Any],
     tail: Sequence[Any] = (),
+    sql_type: str = "bigint",
 ) -> AsyncIterator[CursorResult[Any]]:
     """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
-    in chunks, with the parameters `head` before the list and `tail` after it."""
+    (of `sql_type`) in chunks, with the parameters `head` before the list and `tail`
+    after it."""
     for part in chunks(ids):
-        listed, parameters = in_list(connection, part)
+        listed, parameters = in_list(connection, part, sql_type)
         yield await connection.exec_driver_sql(
             driver_sql(connection, statement.format(ids=listed)), (*head, *parameters, *tail)
         )
@@ -139,14 +141,37 @@ async def rows_for_ids(
     connection: AsyncConnection,
     statement: str,
     head: Sequence[Any],
-    ids: Sequence[int],
+    ids: Sequence[Any],
     tail: Sequence[Any] = (),
+    sql_type: str = "bigint",
 ) -> list[tuple[Any, ...]]:
     """`_per_chunk` for a query: its rows (tuples, as SQLAlchemy rows are)."""
     rows: list[tuple[Any, ...]] = []
-    async for result in _per_chunk(connection, statement, head, ids, tail):
+    async for result in _per_chunk(connection, statement, head, ids, tail, sql_type):
         rows.extend(result.fetchall())
     return rows
+
+
+# Rows of one multi-row INSERT: a few parameters each, well within both databases'
+# bounds on the parameters of a statement.
+ROWS_PER_INSERT = 1_000
+
+
+async def insert_returning(
+    connection: AsyncConnection, statement: str, row: str, rows: Sequence[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """Insert `rows` as multi-row INSERTs: `statement`'s `{values}` is the VALUES list,
+    a `row` (`?` placeholders) for each, and it ends with a RETURNING; the rows returned,
+    in no promised order. One statement per ROWS_PER_INSERT rows, where an executemany
+    with RETURNING would take one per row."""
+    returned: list[tuple[Any, ...]] = []
+    for part in chunks(rows, ROWS_PER_INSERT):
+        result = await connection.exec_driver_sql(
+            driver_sql(connection, statement.format(values=", ".join([row] * len(part)))),
+            tuple(value for values in part for value in values),
+        )
+        returned.extend(result.fetchall())
+    return returned
 
 
 def among(connection: AsyncConnection, column: Any, ids: Collection[int]) -> ColumnElement[bool]:
@@ -581,17 +606,15 @@ async def insert_enrollments(
             ) in rows
         ],
     )
-    ids: dict[tuple[int, str, int], int] = {}
-    for part in chunks(sorted({row[0] for row in rows})):
-        result = await connection.execute(
-            select(
-                enrollments.c.id,
-                enrollments.c.lead_id,
-                enrollments.c.journey_id,
-                enrollments.c.entry_no,
-            ).where(among(connection, enrollments.c.lead_id, part))
-        )
-        ids.update(((row.lead_id, row.journey_id, row.entry_no), row.id) for row in result)
+    found = await rows_for_ids(
+        connection,
+        "SELECT id, lead_id, journey_id, entry_no FROM enrollments WHERE lead_id IN ({ids})",
+        (),
+        sorted({row[0] for row in rows}),
+    )
+    ids = {
+        (lead_id, journey_id, entry_no): row_id for row_id, lead_id, journey_id, entry_no in found
+    }
     return [ids[(row[0], row[1], row[2])] for row in rows]
 
 

@@ -16,20 +16,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import chunks, driver_sql, in_list, micros
+from engine.db.queries import insert_returning, micros, rows_for_ids
 from engine.db.schema import identities, leads
 from engine.ingest.messages import Message
 
 USER = "user"
 ANON = "anon"
 Key = tuple[str, str]  # (USER | ANON, the id)
-# Rows of one multi-row INSERT of identities: four parameters each, well within both
-# databases' bounds on the parameters of a statement.
-IDENTITY_ROWS_PER_INSERT = 1_000
 
 # Each retry means another process mapped one of our ids between our read and our write.
 ATTEMPTS = 5
@@ -236,28 +233,25 @@ async def _select_identities(
 ) -> list[tuple[Any, ...]]:
     """`columns` of the identities of `kind` whose `column` (of `sql_type`) is among
     `values`."""
-    found: list[tuple[Any, ...]] = []
-    for chunk in chunks(values):
-        listed, parameters = in_list(connection, chunk, sql_type)
-        rows = await connection.exec_driver_sql(
-            driver_sql(
-                connection,
-                f"SELECT {columns} FROM {identities.name}"
-                f" WHERE kind = ? AND {column} IN ({listed})",
-            ),
-            (kind, *parameters),
-        )
-        found.extend(cast(list[tuple[Any, ...]], rows.all()))
-    return found
+    return await rows_for_ids(
+        connection,
+        f"SELECT {columns} FROM {identities.name} WHERE kind = ? AND {column} IN ({{ids}})",
+        (kind,),
+        values,
+        sql_type=sql_type,
+    )
 
 
 async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -> list[int]:
     """`count` new, empty leads; their ids (in no particular order: the rows are alike)."""
-    if count == 0:
-        return []
-    rows = [{"created_at": now, "updated_at": now, "traits": {}} for _ in range(count)]
-    result = await connection.execute(leads.insert().returning(leads.c.id), rows)
-    return list(result.scalars())
+    at = micros(now)
+    rows = await insert_returning(
+        connection,
+        f"INSERT INTO {leads.name} (created_at, updated_at, traits) VALUES {{values}} RETURNING id",
+        "(?, ?, '{}')",
+        [(at, at)] * count,
+    )
+    return [lead_id for (lead_id,) in rows]
 
 
 async def insert_identities(
@@ -270,16 +264,11 @@ async def insert_identities(
     """
     at = micros(now)
     rows = [(kind, value, lead_id, at) for (kind, value), lead_id in sorted(mapped.items())]
-    inserted = 0
-    for part in chunks(rows, IDENTITY_ROWS_PER_INSERT):
-        result = await connection.exec_driver_sql(
-            driver_sql(
-                connection,
-                f"INSERT INTO {identities.name} (kind, value, lead_id, created_at) VALUES "
-                + ", ".join(["(?, ?, ?, ?)"] * len(part))
-                + " ON CONFLICT (kind, value) DO NOTHING RETURNING kind",
-            ),
-            tuple(value for row in part for value in row),
-        )
-        inserted += len(result.all())
-    return inserted == len(rows)
+    inserted = await insert_returning(
+        connection,
+        f"INSERT INTO {identities.name} (kind, value, lead_id, created_at) VALUES {{values}}"
+        " ON CONFLICT (kind, value) DO NOTHING RETURNING kind",
+        "(?, ?, ?, ?)",
+        rows,
+    )
+    return len(inserted) == len(rows)

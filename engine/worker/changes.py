@@ -7,6 +7,7 @@ Either all of it is committed with the events marked processed, or none of it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -80,6 +81,11 @@ class Changes:
         self.fired: list[int] = []
         self.cancelled: set[EnrollmentKey] = set()
         self.processed: list[int] = []
+        # What `write()` wrote, for the metrics once committed: moves per journey, and how
+        # late each timeout's move was (dated when it fell due, whether its timer was
+        # stored or fell due within the batch's own events).
+        self.moves: Counter[str] = Counter()
+        self.timer_lags: list[float] = []
 
     @property
     def leads_count(self) -> int:
@@ -143,6 +149,9 @@ class Changes:
             enrollment_id = ids[(lead_id, item.journey_id, item.entry_no)]
             effect = item.effect
             if isinstance(effect, Transitioned):
+                self.moves[item.journey_id] += 1
+                if effect.cause.kind == "timer":
+                    self.timer_lags.append((self.now - effect.at).total_seconds())
                 transitions.append(
                     (
                         enrollment_id,

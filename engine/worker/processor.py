@@ -31,7 +31,7 @@ from engine.machine.lead import (
     new_lead_event,
     new_pending_timer,
 )
-from engine.machine.values import Enrollment, Transitioned
+from engine.machine.values import Enrollment
 from engine.metrics import count_worker_batch
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
 from engine.worker.merge import merge_leads
@@ -52,15 +52,9 @@ class Tally:
     transitions: Counter[str] = field(default_factory=Counter)
     timer_lags: list[float] = field(default_factory=list)
 
-    def add(self, changes: Changes, now: datetime) -> None:
-        for _, item in changes.effects:
-            effect = item.effect
-            if isinstance(effect, Transitioned):
-                self.transitions[item.journey_id] += 1
-                # A timeout's move is dated when it fell due, whether its timer was
-                # stored or fell due within this batch's own events.
-                if effect.cause.kind == "timer":
-                    self.timer_lags.append((now - effect.at).total_seconds())
+    def add(self, changes: Changes) -> None:
+        self.transitions.update(changes.moves)
+        self.timer_lags.extend(changes.timer_lags)
 
 
 # Work a channel does in the worker's transaction with the events it applies (an
@@ -236,7 +230,7 @@ class Processor:
         await changes.write(connection)
         for hook in self.event_hooks:
             await hook(connection, applied, now)
-        tally.add(changes, now)
+        tally.add(changes)
         for lead_id, lead_events, lead_timers in failed:
             await self._quarantine(connection, lead_id, lead_events, lead_timers, now)
         return changes.leads_count + len(failed)
