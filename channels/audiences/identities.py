@@ -28,9 +28,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.normalize import both_rows, google_row, meta_row
-from channels.audiences.store import OP, Op, json_value, member_rows
+from channels.audiences.store import OP, Op, member_rows
 from engine.db.database import Database
-from engine.db.queries import among, chunks, driver_sql, execute_rows, in_list
+from engine.db.queries import among, chunks, driver_sql, execute_rows, in_list, json_value
 from engine.db.schema import leads
 from engine.worker.changes import IDENTITY_TRAITS
 

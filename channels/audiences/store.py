@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-import orjson
 from sqlalchemy import BigInteger, and_, exists, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import driver_sql, execute_rows, upsert
+from engine.db.queries import driver_sql, execute_rows, json_value, upsert
 from engine.db.schema import (
     audience_members,
     counters,
@@ -216,11 +215,6 @@ async def read_members(
         )
         for seq, lead_id, added_at, removed_at, traits, erased, op in rows
     ]
-
-
-def json_value(value: Any) -> Any:
-    """A JSON column's value as the driver gives it: text, or decoded already."""
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 async def count_members(
