@@ -16,11 +16,12 @@ import base64
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.identities import ExportedRow, platform_rows, row_text
 from channels.audiences.normalize import GOOGLE_HEADER, META_SCHEMA
@@ -170,30 +171,46 @@ async def csv_export(
     return CsvExport(lines, cursor.finished(upto).encode())
 
 
-# One short read per chunk: a long export holds no transaction open.
+Chunk = TypeVar("Chunk", ExportedRow, Member)
+
+
+async def _chunks(
+    db: Database,
+    cursor: Cursor,
+    read: Callable[[AsyncConnection, int], Awaitable[list[Chunk]]],
+    seq_of: Callable[[Chunk], int],
+) -> AsyncIterator[list[Chunk]]:
+    """The export's rows after `cursor`, STREAM_CHUNK at a time, each chunk in a short
+    read of its own: a long export holds no transaction open."""
+    after = cursor.after
+    while True:
+        async with db.read() as connection:
+            chunk = await read(connection, after)
+        yield chunk
+        if len(chunk) < STREAM_CHUNK:
+            return
+        after = seq_of(chunk[-1])
 
 
 async def _google_lines(
     db: Database, audience: str, cursor: Cursor, upto: int, wanted: set[Op], region: str | None
 ) -> AsyncIterator[str]:
     yield row_text("google", list(GOOGLE_HEADER)) + "\n"
-    after = cursor.after
-    while True:
-        async with db.read() as connection:
-            chunk = await platform_rows(
-                connection,
-                audience,
-                "google",
-                region,
-                after=after,
-                upto=upto,
-                limit=STREAM_CHUNK,
-                adds_only=cursor.full,
-            )
+
+    def read(connection: AsyncConnection, after: int) -> Awaitable[list[ExportedRow]]:
+        return platform_rows(
+            connection,
+            audience,
+            "google",
+            region,
+            after=after,
+            upto=upto,
+            limit=STREAM_CHUNK,
+            adds_only=cursor.full,
+        )
+
+    async for chunk in _chunks(db, cursor, read, lambda row: row[0]):
         yield "".join(f"{text}\n" for _, op, text in chunk if op in wanted)
-        if len(chunk) < STREAM_CHUNK:
-            return
-        after = chunk[-1][0]
 
 
 async def _clear_lines(
@@ -202,25 +219,18 @@ async def _clear_lines(
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_HEADER)
-    after = cursor.after
-    while True:
-        async with db.read() as connection:
-            chunk = await read_members(
-                connection,
-                audience,
-                after=after,
-                upto=upto,
-                limit=STREAM_CHUNK,
-                adds_only=cursor.full,
-            )
+
+    def read(connection: AsyncConnection, after: int) -> Awaitable[list[Member]]:
+        return read_members(
+            connection, audience, after=after, upto=upto, limit=STREAM_CHUNK, adds_only=cursor.full
+        )
+
+    async for chunk in _chunks(db, cursor, read, lambda member: member.seq):
         # An erased lead's traits are empty: nothing in clear.
         writer.writerows(_clear_row(member) for member in chunk if member.op in wanted)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
-        if len(chunk) < STREAM_CHUNK:
-            return
-        after = chunk[-1].seq
 
 
 def _clear_row(member: Member) -> list[Any]:
