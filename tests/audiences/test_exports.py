@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from channels.audiences import export
 from engine.db.schema import audience_members
 from tests.email.test_routes import mailed_lead
 from tests.worker.conftest import FUNNEL, Engine, app_client, running_engine, write_funnel
@@ -221,3 +222,20 @@ async def test_a_member_added_again_and_removed_in_one_batch_is_exported_as_a_re
 
         page = await meta(client, cursor=synced)
         assert (page["op"], emails(page)) == ("remove", [sha("ann@example.com")])
+
+
+async def test_csv_streams_read_in_chunks_give_every_member_once(
+    engine: Engine, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ("ann", "bob", "cat", "dan", "eve")
+    await visit(engine, *names)
+    monkeypatch.setattr(export, "STREAM_CHUNK", 2)  # three reads: 2, 2 and 1 rows
+
+    google = await client.get("/v1/audiences/visitors/export", params={"format": "google"})
+    clear = await client.get("/v1/audiences/visitors/export", params={"format": "csv"})
+
+    google_rows = list(csv.reader(io.StringIO(google.text)))
+    assert google_rows[0][0] == "Email"
+    assert [row[0] for row in google_rows[1:]] == [sha(f"{name}@example.com") for name in names]
+    clear_rows = list(csv.DictReader(io.StringIO(clear.text)))
+    assert [row["first_name"] for row in clear_rows] == [name.title() for name in names]
