@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.audiences.channel import AudienceChannel
 from channels.email.channel import EmailChannel
@@ -102,12 +101,11 @@ class TurnTakingDatabase(Database):
         self._local_turn = asyncio.Lock()  # one flock holder per process at a time
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
+    async def _turn(self) -> AsyncIterator[None]:
         async with self._local_turn:
             await self._lock()
             try:
-                async with super().write() as connection:
-                    yield connection
+                yield
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 

@@ -5,18 +5,24 @@ single pooled connection that starts each transaction with `BEGIN IMMEDIATE`, so
 transaction never fails half-way on a lock, while reads use their own connections
 (WAL lets them run beside the writer). PostgreSQL uses one pool for both; its reads
 are read-only REPEATABLE READ transactions.
+
+A write made only of plain SQL to the driver can run as `write_sql(work)`: on SQLite
+the whole transaction then runs in the driver's thread, in one trip to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+T = TypeVar("T")
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -45,6 +51,32 @@ def _lease_settings(lease_seconds: float) -> dict[str, str]:
         "tcp_keepalives_interval": "10",
         "tcp_keepalives_count": "3",
     }
+
+
+class SqlResult(Protocol):
+    """What plain SQL gives back, from SQLAlchemy (`CursorResult`) or from sqlite3 (its cursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchall(self) -> Sequence[Any]: ...
+
+
+class DialectName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class SqlConnection(Protocol):
+    """A connection that runs plain SQL in the driver's parameter style: SQLAlchemy's
+    `AsyncConnection`, or on SQLite the driver's own connection inside `write_sql`.
+    The queries written against this (`engine/db/queries.py`'s driver-level helpers)
+    run on either."""
+
+    @property
+    def dialect(self) -> DialectName: ...
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> SqlResult: ...
 
 
 def _json_dumps(value: Any) -> str:
@@ -120,8 +152,32 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back on error."""
-        async with self._writer.begin() as connection:
+        async with self._turn(), self._writer.begin() as connection:
             yield connection
+
+    async def write_sql(self, work: Callable[[SqlConnection], Coroutine[Any, Any, T]]) -> T:
+        """`work(connection)` as one write transaction, committed when it returns and
+        rolled back if it raises; its result.
+
+        `work` may await nothing but the connection's `exec_driver_sql` (and what awaits
+        only that). Then on SQLite it runs whole in the driver's thread, on the driver's
+        own connection: one trip to that thread for the transaction, where `write()`
+        takes one or more per statement, each waiting its turn on a busy event loop.
+        On PostgreSQL it runs in `write()`.
+        """
+        if not self.is_sqlite:
+            async with self.write() as connection:
+                return await work(connection)
+        async with self._turn(), self._writer.connect() as connection:
+            # No statement goes through SQLAlchemy, so it begins no transaction of its
+            # own: the transaction is the one `_transaction_in_thread` begins.
+            driver = (await connection.get_raw_connection()).driver_connection
+            return await _in_driver_thread(driver, _transaction_in_thread, work)
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """Held around each write transaction; a subclass may make writers wait their turn."""
+        yield
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -142,3 +198,63 @@ class Database:
         await self._writer.dispose()
         if self.is_sqlite:
             await self._reader.dispose()
+
+
+# --- a whole transaction in the SQLite driver's thread -------------------------------------------
+
+
+async def _in_driver_thread(driver: Any, function: Callable[..., T], *args: Any) -> T:
+    """`function(sqlite3_connection, *args)` in the thread of the aiosqlite connection
+    `driver`, the one thread that uses its sqlite3 connection. aiosqlite has no public
+    call for this; `_execute` is the queue every one of its own methods goes through
+    (the version is pinned)."""
+    result: T = await driver._execute(function, driver._conn, *args)
+    return result
+
+
+def _transaction_in_thread(
+    raw: sqlite3.Connection, work: Callable[[SqlConnection], Coroutine[Any, Any, T]]
+) -> T:
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        result = _run_without_suspending(work(_ThreadConnection(raw)))
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _run_without_suspending(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end on this thread, which has no event loop: possible
+    because what it awaits (`_ThreadConnection.exec_driver_sql`) returns at once."""
+    try:
+        work.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    work.close()
+    raise RuntimeError(
+        "a write_sql transaction awaited something other than its connection's statements"
+    )
+
+
+class _SQLite:
+    name = "sqlite"
+
+
+class _ThreadConnection:
+    """The `SqlConnection` of a `write_sql` transaction on SQLite: sqlite3 itself, in
+    the thread that owns it. Parameters as `exec_driver_sql` takes them: one tuple for
+    one execution, a list of tuples for an executemany."""
+
+    dialect = _SQLite()
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self._raw = raw
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> SqlResult:
+        if isinstance(parameters, list):
+            return self._raw.executemany(statement, parameters)
+        return self._raw.execute(statement, parameters or ())

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import orjson
 from sqlalchemy import BigInteger, ColumnElement, Select, any_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from engine.db.database import SqlConnection, SqlResult
 from engine.db.schema import (
     audience_members,
     emails,
@@ -74,13 +74,13 @@ def _in_driver_style(dialect: str, statement: str) -> str:
     return re.sub(r"\?", lambda _: f"${next(numbers)}", statement)
 
 
-def driver_sql(connection: AsyncConnection, statement: str) -> str:
+def driver_sql(connection: SqlConnection, statement: str) -> str:
     """`statement`, written with `?` placeholders, in the driver's parameter style."""
     return _in_driver_style(connection.dialect.name, statement)
 
 
 async def execute_rows(
-    connection: AsyncConnection, statement: str, rows: Sequence[tuple[Any, ...]]
+    connection: SqlConnection, statement: str, rows: Sequence[tuple[Any, ...]]
 ) -> None:
     """Run `statement` (`?` placeholders) once per row, in one executemany."""
     if rows:
@@ -88,7 +88,7 @@ async def execute_rows(
 
 
 def in_list(
-    connection: AsyncConnection, values: Sequence[Any], sql_type: str = "bigint"
+    connection: SqlConnection, values: Sequence[Any], sql_type: str = "bigint"
 ) -> tuple[str, tuple[Any, ...]]:
     """The list of an IN (`column IN (<this>)`) holding `values`, as driver SQL with its
     parameters: on PostgreSQL one array parameter of `sql_type` (one prepared statement
@@ -113,13 +113,13 @@ def json_text(value: Any) -> str:
 
 
 async def _per_chunk(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     statement: str,
     head: Sequence[Any],
     ids: Sequence[Any],
     tail: Sequence[Any] = (),
     sql_type: str = "bigint",
-) -> AsyncIterator[CursorResult[Any]]:
+) -> AsyncIterator[SqlResult]:
     """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
     (of `sql_type`) in chunks, with the parameters `head` before the list and `tail`
     after it."""
@@ -131,14 +131,14 @@ async def _per_chunk(
 
 
 async def _where_id_in(
-    connection: AsyncConnection, statement: str, head: Sequence[Any], ids: Sequence[int]
+    connection: SqlConnection, statement: str, head: Sequence[Any], ids: Sequence[int]
 ) -> int:
     """`_per_chunk` for a statement that changes rows: how many it changed."""
     return sum([result.rowcount async for result in _per_chunk(connection, statement, head, ids)])
 
 
 async def rows_for_ids(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     statement: str,
     head: Sequence[Any],
     ids: Sequence[Any],
@@ -158,7 +158,7 @@ ROWS_PER_INSERT = 1_000
 
 
 async def insert_returning(
-    connection: AsyncConnection, statement: str, row: str, rows: Sequence[tuple[Any, ...]]
+    connection: SqlConnection, statement: str, row: str, rows: Sequence[tuple[Any, ...]]
 ) -> list[tuple[Any, ...]]:
     """Insert `rows` as multi-row INSERTs: `statement`'s `{values}` is the VALUES list,
     a `row` (`?` placeholders) for each, and it ends with a RETURNING; the rows returned,

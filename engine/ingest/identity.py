@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
 
+from engine.db.database import SqlConnection
 from engine.db.queries import insert_returning, micros, rows_for_ids
 from engine.db.schema import identities, leads
 from engine.ingest.messages import Message
@@ -149,7 +150,7 @@ class _Planner:
 
 
 async def resolve_leads(
-    connection: AsyncConnection, messages: Sequence[Message], now: datetime
+    connection: SqlConnection, messages: Sequence[Message], now: datetime
 ) -> list[Route]:
     """The route of each message, with new leads and identities written (not committed).
 
@@ -158,9 +159,6 @@ async def resolve_leads(
     again against the ids as they are now.
     """
     keys = {key for message in messages for key in keys_of(message)}
-    # On SQLite the transaction began with BEGIN IMMEDIATE, which no other writer gets
-    # past until it commits: nothing to guard against, and two statements saved.
-    guarded = connection.dialect.name != "sqlite"
     for _ in range(ATTEMPTS):
         known = await select_known_identities(connection, keys)
         identified = await select_identified_leads(
@@ -169,7 +167,7 @@ async def resolve_leads(
         plan = plan_routes(messages, known, identified)
         if not plan.new_identities:
             return plan.routes
-        savepoint = await connection.begin_nested() if guarded else None
+        savepoint = await _savepoint(connection)
         lead_ids = await insert_leads(connection, plan.new_leads, now)
         mapped = {key: _real(lead, lead_ids) for key, lead in plan.new_identities.items()}
         if await insert_identities(connection, mapped, now):
@@ -188,6 +186,17 @@ async def resolve_leads(
     raise IdentityRace(f"ids of this group kept being mapped by other processes ({ATTEMPTS} tries)")
 
 
+async def _savepoint(connection: SqlConnection) -> AsyncTransaction | None:
+    """A savepoint to roll the group's inserts back to, where another writer may race us.
+
+    On SQLite the transaction began with BEGIN IMMEDIATE, which no other writer gets
+    past until it commits: nothing to guard against, and two statements saved.
+    """
+    if isinstance(connection, AsyncConnection) and connection.dialect.name != "sqlite":
+        return await connection.begin_nested()
+    return None
+
+
 def _real(lead: int, new_lead_ids: Sequence[int]) -> int:
     return new_lead_ids[-lead - 1] if lead < 0 else lead
 
@@ -201,7 +210,7 @@ def _real(lead: int, new_lead_ids: Sequence[int]) -> int:
 
 
 async def select_known_identities(
-    connection: AsyncConnection, keys: AbstractSet[Key]
+    connection: SqlConnection, keys: AbstractSet[Key]
 ) -> dict[Key, int]:
     known: dict[Key, int] = {}
     for kind in (USER, ANON):
@@ -214,7 +223,7 @@ async def select_known_identities(
 
 
 async def select_identified_leads(
-    connection: AsyncConnection, lead_ids: AbstractSet[int]
+    connection: SqlConnection, lead_ids: AbstractSet[int]
 ) -> set[int]:
     """The leads among these that have a user id."""
     found = await _select_identities(
@@ -224,7 +233,7 @@ async def select_identified_leads(
 
 
 async def _select_identities(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     columns: str,
     kind: str,
     column: str,
@@ -242,7 +251,7 @@ async def _select_identities(
     )
 
 
-async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -> list[int]:
+async def insert_leads(connection: SqlConnection, count: int, now: datetime) -> list[int]:
     """`count` new, empty leads; their ids (in no particular order: the rows are alike)."""
     at = micros(now)
     rows = await insert_returning(
@@ -255,7 +264,7 @@ async def insert_leads(connection: AsyncConnection, count: int, now: datetime) -
 
 
 async def insert_identities(
-    connection: AsyncConnection, mapped: Mapping[Key, int], now: datetime
+    connection: SqlConnection, mapped: Mapping[Key, int], now: datetime
 ) -> bool:
     """Map each id to its lead; False when another process mapped one of them first.
 

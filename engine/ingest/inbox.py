@@ -26,10 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from engine.clock import Clock
-from engine.db.database import Database
+from engine.db.database import Database, SqlConnection
 from engine.db.queries import execute_rows, json_text, micros
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
@@ -188,10 +186,14 @@ class Inbox:
     async def _write(self, group: list[_Waiter]) -> None:
         messages = _first_of_each_id(waiter.messages for waiter in group)
         self._writing_since = time.monotonic()
+        now = self._clock.now()
+
+        async def store(connection: SqlConnection) -> None:
+            routes = await resolve_leads(connection, messages, now)
+            await insert_events(connection, messages, routes)
+
         try:
-            async with self._db.write() as connection:
-                routes = await resolve_leads(connection, messages, self._clock.now())
-                await insert_events(connection, messages, routes)
+            await self._db.write_sql(store)
         except Exception as error:
             log.exception("inbox: a group of %d messages was not stored", len(messages))
             for waiter in group:
@@ -244,7 +246,7 @@ INSERT_EVENTS = (
 
 
 async def insert_events(
-    connection: AsyncConnection, messages: Sequence[Message], routes: Sequence[Route]
+    connection: SqlConnection, messages: Sequence[Message], routes: Sequence[Route]
 ) -> None:
     """The messages as inbox rows; a messageId already stored is skipped."""
     rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from engine.db.database import SqlConnection
 from engine.runtime import TurnTakingDatabase
 
 
@@ -50,6 +51,24 @@ async def test_a_write_holds_the_turn_until_it_ends(database_file: Path, outside
         async with db.write() as connection:
             await connection.execute(text("DELETE FROM events"))
             assert not turn_is_free(outsider)
+        assert turn_is_free(outsider)
+    finally:
+        await db.close()
+
+
+async def test_a_plain_sql_write_holds_the_turn_until_it_ends(
+    database_file: Path, outsider: int
+) -> None:
+    db = database(database_file)
+    held: list[bool] = []
+
+    async def work(connection: SqlConnection) -> None:
+        await connection.exec_driver_sql("DELETE FROM events")
+        held.append(not turn_is_free(outsider))
+
+    try:
+        await db.write_sql(work)
+        assert held == [True]
         assert turn_is_free(outsider)
     finally:
         await db.close()
