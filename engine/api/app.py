@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import Receive, Scope, Send
 
 from channels.audiences.routes import audiences_router
 from channels.email.links import Links
@@ -68,6 +69,27 @@ ADMIN_REFUSAL: dict[int | str, dict[str, Any]] = {
 }
 
 
+class TrackingFirst(FastAPI):
+    """The app, with the tracking routes' calls taken in front of FastAPI's own stack.
+
+    A tracking POST is answered by TrackingCors (CORS, then TrackingCalls) before the
+    middleware FastAPI wraps every request in (server errors, telemetry, body limits),
+    which took about a tenth of the CPU of a call to pass through. Everything else,
+    the lifespan included, goes through FastAPI as usual. An error in a tracking call
+    is then answered 500 by the server, as ServerErrorMiddleware would.
+    """
+
+    def __init__(self, runtime: AppRuntime, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._front = TrackingCors(self._fastapi, runtime=runtime)
+
+    async def _fastapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._front(scope, receive, send)
+
+
 def create_app(runtime: AppRuntime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +100,8 @@ def create_app(runtime: AppRuntime) -> FastAPI:
             await runtime.stop()
 
     admin_only = [Depends(RequireAdmin(runtime))]
-    app = FastAPI(
+    app = TrackingFirst(
+        runtime,
         title="cjm",
         summary="Customer journey maps that run.",
         description="Segment-compatible tracking (write key), the admin API (admin key) and "
@@ -97,7 +120,6 @@ def create_app(runtime: AppRuntime) -> FastAPI:
     app.include_router(health_router(runtime))
     app.include_router(email_router(runtime))
     app.include_router(dashboard_router(runtime))
-    app.add_middleware(TrackingCors, runtime=runtime)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the tracking schemas, which no route parameter declares."""
