@@ -256,5 +256,21 @@ class _ThreadConnection:
 
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> SqlResult:
         if isinstance(parameters, list):
-            return self._raw.executemany(statement, parameters)
-        return self._raw.execute(statement, parameters or ())
+            cursor = self._raw.executemany(statement, parameters)
+        else:
+            cursor = self._raw.execute(statement, parameters or ())
+        return _Rows(cursor)
+
+
+class _Rows:
+    """A statement's result read to its end at once, as SQLAlchemy's results are: an
+    INSERT ... RETURNING whose rows nobody fetched would otherwise be left half done."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._rows = cursor.fetchall() if cursor.description is not None else []
+        self.rowcount = cursor.rowcount
+
+    def fetchall(self) -> list[Any]:
+        return self._rows

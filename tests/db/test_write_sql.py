@@ -109,3 +109,19 @@ async def test_on_sqlite_work_that_awaits_anything_else_is_refused_and_rolled_ba
     assert await lead_ids(sqlite_db) == []
     await sqlite_db.write_sql(insert_lead)
     assert len(await lead_ids(sqlite_db)) == 1
+
+
+async def test_rows_returned_but_never_fetched_are_stored_all_the_same(db: Database) -> None:
+    async def work(connection: SqlConnection) -> int:
+        result = await connection.exec_driver_sql(
+            driver_sql(
+                connection,
+                "INSERT INTO leads (created_at, updated_at, traits)"
+                " VALUES (?, ?, '{}'), (?, ?, '{}'), (?, ?, '{}') RETURNING id",
+            ),
+            (1, 1, 2, 2, 3, 3),
+        )
+        return result.rowcount
+
+    assert await db.write_sql(work) == 3
+    assert len(await lead_ids(db)) == 3
