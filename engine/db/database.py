@@ -54,7 +54,8 @@ def _lease_settings(lease_seconds: float) -> dict[str, str]:
 
 
 class SqlResult(Protocol):
-    """What plain SQL gives back, from SQLAlchemy (`CursorResult`) or from sqlite3 (its cursor)."""
+    """What plain SQL gives back: SQLAlchemy's `CursorResult`, or inside `write_sql` on
+    SQLite the statement's rows as sqlite3 gave them."""
 
     @property
     def rowcount(self) -> int: ...
