@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -37,8 +38,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import TextualSelect
 
 from channels.email.links import Links
 from channels.email.message import OutgoingEmail, build_message, only_mailbox
@@ -63,7 +65,6 @@ from engine.db.schema import (
     EMAIL_QUEUE,
     emails,
     enrollments,
-    outbox,
     sequence_runs,
     suppressions,
 )
@@ -613,47 +614,50 @@ def _address(traits: Mapping[str, Any]) -> str | None:
 # --- the queries -------------------------------------------------------------------------------
 
 
-# An offer the lead was just granted in the same journey, not yet dispatched (or being
-# dispatched by another process right now). Its code is written in the same transaction
-# as the effect is marked dispatched; an email sent before would lack the code it shows.
-_grant_pending = (
-    select(outbox.c.id)
-    .where(
-        outbox.c.lead_id == emails.c.lead_id,
-        outbox.c.journey_id == emails.c.journey_id,
-        outbox.c.action == GRANT,
-        outbox.c.status == OUTBOX_PENDING,
+@functools.cache
+def _due_emails(dialect: str) -> TextualSelect:
+    """The claim `select_due_emails` runs, written out for the dialect. Its plan is the
+    point, and SQLAlchemy has no way to name an index to SQLite (it drops table hints).
+
+    - The queue is read through ix_emails_queue, in its order: the condition is written
+      as that index's literals, and SQLite is told the index by name (without statistics
+      it would take the status index and sort every queued email).
+    - A grant in flight is probed per due email in ix_outbox_pending_grants (again its
+      literals). OFFSET 0 keeps PostgreSQL from making the NOT EXISTS an anti-join:
+      planned on statistics older than a burst of emails (autovacuum analyzes a minute
+      later at best), that join took seconds per claim.
+    """
+    sqlite = dialect == "sqlite"
+    columns = ", ".join(f"emails.{column.name}" for column in emails.c)
+    return (
+        text(
+            f"SELECT {columns}, sequence_runs.version AS run_version, sequence_runs.sequence"
+            f" FROM emails{' INDEXED BY ix_emails_queue' if sqlite else ''}"
+            " LEFT OUTER JOIN sequence_runs ON sequence_runs.id = emails.sequence_run_id"
+            f" WHERE emails.{EMAIL_QUEUE} AND emails.due_at <= :now"
+            " AND (emails.lease_until IS NULL OR emails.lease_until <= :now)"
+            " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.lead_id = emails.lead_id"
+            " AND outbox.journey_id = emails.journey_id"
+            f" AND outbox.action = '{GRANT}' AND outbox.status = '{OUTBOX_PENDING}'"
+            f" {'LIMIT -1 OFFSET 0' if sqlite else 'OFFSET 0'})"
+            " ORDER BY emails.due_at, emails.id LIMIT :limit"
+            f"{'' if sqlite else ' FOR UPDATE OF emails SKIP LOCKED'}"
+        )
+        .bindparams(bindparam("now", type_=emails.c.due_at.type), bindparam("limit"))
+        .columns(*emails.c, sequence_runs.c.version.label("run_version"), sequence_runs.c.sequence)
     )
-    .exists()
-)
 
 
 async def select_due_emails(connection: AsyncConnection, now: datetime, limit: int) -> list[Any]:
     """Due emails not leased by another sender, locked, with the journey version and
-    sequence of the run they belong to (null for a single `email.send`). An email waits
-    while an offer granted to its lead in its journey is still being dispatched."""
-    return list(
-        await connection.execute(
-            select(
-                emails,
-                sequence_runs.c.version.label("run_version"),
-                sequence_runs.c.sequence,
-            )
-            .outerjoin(sequence_runs, sequence_runs.c.id == emails.c.sequence_run_id)
-            .where(
-                text(f"emails.{EMAIL_QUEUE}"),  # as literals: see the index ix_emails_queue
-                emails.c.due_at <= now,
-                or_(emails.c.lease_until.is_(None), emails.c.lease_until <= now),
-                ~_grant_pending,
-            )
-            .order_by(emails.c.due_at, emails.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=emails)
-            # SQLite's planner, without statistics, would take the status index and
-            # sort every queued email; PostgreSQL picks this one itself.
-            .with_hint(emails, "INDEXED BY ix_emails_queue", dialect_name="sqlite")
-        )
-    )
+    sequence of the run they belong to (null for a single `email.send`).
+
+    An email waits while an offer granted to its lead in its journey is not dispatched
+    yet (or being dispatched by another process right now): the code is written in the
+    transaction that marks the grant dispatched, and an email sent before would lack
+    the code it shows."""
+    statement = _due_emails(connection.dialect.name)
+    return list(await connection.execute(statement, {"now": now, "limit": limit}))
 
 
 async def lease_emails(

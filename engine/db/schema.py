@@ -174,11 +174,27 @@ class Timer(Base):
     transition: Mapped[int] = mapped_column(Integer)
 
 
+# An offer grant the offers channel has not dispatched yet: the lead's emails in that
+# journey wait for it (channels/email/sender.py, which writes the same literals).
+PENDING_GRANT = "action = 'offer.grant' AND status = 'pending'"
+
+
 class Outbox(Base):
     """Effects for the channels, written in the transaction of the step that caused them."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_outbox_status_created_at", "status", "created_at"),
+        # Probed once per due email by the sender's claim; holds only the few grants in
+        # flight, so a probe costs the same however many outbox rows are pending.
+        Index(
+            "ix_outbox_pending_grants",
+            "lead_id",
+            "journey_id",
+            sqlite_where=text(PENDING_GRANT),
+            postgresql_where=text(PENDING_GRANT),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)

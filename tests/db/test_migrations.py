@@ -134,6 +134,7 @@ async def test_migrations_create_the_declared_partial_index_predicates(
         "uq_sequence_runs_active",
         "ix_audience_members_unsequenced",
         "ix_emails_queue",
+        "ix_outbox_pending_grants",
     }
 
 
