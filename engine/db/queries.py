@@ -196,15 +196,23 @@ async def _lock_leads(connection: AsyncConnection, window: Select[Any], limit: i
     return list((await connection.scalars(claim)).all())
 
 
+# The idle polls below are ordered by their index's key: the planner then reads that
+# index whatever its statistics say. Without the order, PostgreSQL planned on statistics
+# from when most events were pending would scan the table for one, past every row
+# processed since (20-30 ms a poll on 100,000 events).
+
+
 async def any_pending_events(connection: AsyncConnection) -> bool:
     found = await connection.scalar(
-        select(events.c.id).where(events.c.processed_at.is_(None)).limit(1)
+        select(events.c.id).where(events.c.processed_at.is_(None)).order_by(events.c.id).limit(1)
     )
     return found is not None
 
 
 async def any_due_timers(connection: AsyncConnection, now: datetime) -> bool:
-    found = await connection.scalar(select(timers.c.id).where(timers.c.due_at <= now).limit(1))
+    found = await connection.scalar(
+        select(timers.c.id).where(timers.c.due_at <= now).order_by(timers.c.due_at).limit(1)
+    )
     return found is not None
 
 
