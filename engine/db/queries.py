@@ -16,8 +16,19 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import BigInteger, ColumnElement, Select, any_, bindparam, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    Table,
+    any_,
+    bindparam,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.database import SqlConnection, SqlResult
@@ -26,12 +37,14 @@ from engine.db.schema import (
     emails,
     enrollments,
     events,
+    goals,
     identities,
     leads,
     offer_codes,
     outbox,
     sequence_runs,
     timers,
+    transitions,
 )
 from engine.db.types import from_micros, to_micros
 
@@ -85,6 +98,47 @@ async def execute_rows(
     """Run `statement` (`?` placeholders) once per row, in one executemany."""
     if rows:
         await connection.exec_driver_sql(driver_sql(connection, statement), list(rows))
+
+
+_POSTGRESQL = PGDialect()  # type: ignore[no-untyped-call]  # names each column type
+
+
+@lru_cache(maxsize=64)
+def _insert_statement(dialect: str, table: Table, columns: tuple[str, ...], suffix: str) -> str:
+    names = ", ".join(columns)
+    if dialect == "postgresql":
+        arrays = ", ".join(
+            f"${number}::{table.c[name].type.compile(dialect=_POSTGRESQL)}[]"
+            for number, name in enumerate(columns, start=1)
+        )
+        return f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}){suffix}"
+    return f"INSERT INTO {table.name} ({names}) VALUES ({','.join('?' * len(columns))}){suffix}"
+
+
+async def insert_rows(
+    connection: SqlConnection,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Sequence[tuple[Any, ...]],
+    suffix: str = "",
+) -> None:
+    """`rows`, tuples of values in the order of `columns` as the driver takes them, into
+    `table`, with `suffix` (an ON CONFLICT clause) after the rows.
+
+    On PostgreSQL this is one statement that takes each column as an array (`unnest`):
+    an executemany executes once per row, and spent about twice the server's CPU per row
+    (24 against 11 µs, inserting history). One statement may not update a row twice, so
+    rows an ON CONFLICT ... DO UPDATE could meet twice must be merged before. On SQLite,
+    in the process, an executemany is as cheap.
+    """
+    if not rows:
+        return
+    statement = _insert_statement(connection.dialect.name, table, columns, suffix)
+    if connection.dialect.name == "postgresql":
+        arrays = tuple(list(column) for column in zip(*rows, strict=True))
+        await connection.exec_driver_sql(statement, arrays)
+    else:
+        await connection.exec_driver_sql(statement, list(rows))
 
 
 def in_list(
@@ -576,15 +630,27 @@ async def insert_enrollments(
 ) -> list[int]:
     """The new rows' ids, in the order given.
 
-    Inserted in one executemany, then read back by their unique key (lead, journey,
-    entry number): RETURNING in parameter order would take one statement per row.
+    Inserted in one go, then read back by their unique key (lead, journey, entry
+    number): RETURNING gives no order to match the rows given by.
     """
     if not rows:
         return []
-    await execute_rows(
+    await insert_rows(
         connection,
-        "INSERT INTO enrollments (lead_id, journey_id, entry_no, version, stage, state, epoch,"
-        " entered_at, stage_entered_at, ended_at, sequences) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        enrollments,
+        (
+            "lead_id",
+            "journey_id",
+            "entry_no",
+            "version",
+            "stage",
+            "state",
+            "epoch",
+            "entered_at",
+            "stage_entered_at",
+            "ended_at",
+            "sequences",
+        ),
         [
             (
                 lead_id,
@@ -661,10 +727,10 @@ NewTransition = tuple[int, str, str | None, str | None, datetime, dict[str, Any]
 
 
 async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTransition]) -> None:
-    await execute_rows(
+    await insert_rows(
         connection,
-        "INSERT INTO transitions (enrollment_id, journey_id, from_stage, to_stage, at, cause)"
-        " VALUES (?,?,?,?,?,?)",
+        transitions,
+        ("enrollment_id", "journey_id", "from_stage", "to_stage", "at", "cause"),
         [
             (enrollment_id, journey_id, from_stage, to_stage, micros(at), json_text(cause))
             for enrollment_id, journey_id, from_stage, to_stage, at, cause in rows
@@ -677,9 +743,10 @@ NewGoal = tuple[int, str, str, datetime, float | None]
 
 
 async def insert_goals(connection: AsyncConnection, rows: Sequence[NewGoal]) -> None:
-    await execute_rows(
+    await insert_rows(
         connection,
-        "INSERT INTO goals (enrollment_id, journey_id, message_id, at, value) VALUES (?,?,?,?,?)",
+        goals,
+        ("enrollment_id", "journey_id", "message_id", "at", "value"),
         [
             (enrollment_id, journey_id, message_id, micros(at), value)
             for enrollment_id, journey_id, message_id, at, value in rows
@@ -692,10 +759,10 @@ NewTimer = tuple[datetime, int, int, str, int, int]
 
 
 async def insert_timers(connection: AsyncConnection, rows: Sequence[NewTimer]) -> None:
-    await execute_rows(
+    await insert_rows(
         connection,
-        "INSERT INTO timers (due_at, lead_id, enrollment_id, stage, epoch, transition)"
-        " VALUES (?,?,?,?,?,?)",
+        timers,
+        ("due_at", "lead_id", "enrollment_id", "stage", "epoch", "transition"),
         [
             (micros(due_at), lead_id, enrollment_id, stage, epoch, transition)
             for due_at, lead_id, enrollment_id, stage, epoch, transition in rows
@@ -739,16 +806,26 @@ NewChannelAction = tuple[str, int, int, str, str, str, datetime]
 
 async def insert_outbox(connection: AsyncConnection, rows: Sequence[NewChannelAction]) -> None:
     """Channel actions, pending; one that ran already for its idempotency key is ignored."""
-    await execute_rows(
+    await insert_rows(
         connection,
-        "INSERT INTO outbox (idempotency_key, lead_id, enrollment_id, journey_id, action,"
-        " target, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
-        " ON CONFLICT (idempotency_key) DO NOTHING",
+        outbox,
+        (
+            "idempotency_key",
+            "lead_id",
+            "enrollment_id",
+            "journey_id",
+            "action",
+            "target",
+            "status",
+            "created_at",
+            "updated_at",
+        ),
         [
             (key, lead_id, enrollment_id, journey_id, action, target, OUTBOX_PENDING, at, at)
             for key, lead_id, enrollment_id, journey_id, action, target, moment in rows
             for at in (micros(moment),)
         ],
+        " ON CONFLICT (idempotency_key) DO NOTHING",
     )
 
 
@@ -760,11 +837,15 @@ async def add_to_audiences(connection: AsyncConnection, rows: Sequence[AudienceA
     """A current member keeps its original add time; a former member is added again from
     its new add time. The row is marked changed for the exports (`seq` null) unless it
     was and stays a member; a former member back, or one added and removed in one
-    batch, is a change."""
-    await execute_rows(
+    batch, is a change. One row per (audience, lead)."""
+    await insert_rows(
         connection,
-        "INSERT INTO audience_members (audience, lead_id, journey_id, added_at, removed_at)"
-        " VALUES (?,?,?,?,?)"
+        audience_members,
+        ("audience", "lead_id", "journey_id", "added_at", "removed_at"),
+        [
+            (audience, lead_id, journey_id, micros(added_at), micros(removed_at))
+            for audience, lead_id, journey_id, added_at, removed_at in rows
+        ],
         " ON CONFLICT (audience, lead_id) DO UPDATE SET"
         " journey_id = excluded.journey_id,"
         " added_at = CASE WHEN audience_members.removed_at IS NULL"
@@ -773,10 +854,6 @@ async def add_to_audiences(connection: AsyncConnection, rows: Sequence[AudienceA
         " seq = CASE WHEN audience_members.removed_at IS NULL AND excluded.removed_at IS NULL"
         " THEN audience_members.seq END,"
         " erased = NULL",
-        [
-            (audience, lead_id, journey_id, micros(added_at), micros(removed_at))
-            for audience, lead_id, journey_id, added_at, removed_at in rows
-        ],
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from engine.clock import Clock
 from engine.db.database import Database, SqlConnection
-from engine.db.queries import execute_rows, json_text, micros
+from engine.db.queries import insert_rows, json_text, micros
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
 from engine.ingest.messages import Message
@@ -239,10 +239,6 @@ EVENT_COLUMNS = (
     "data",
     "merge_lead_id",
 )
-INSERT_EVENTS = (
-    f"INSERT INTO {events.name} ({', '.join(EVENT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) ON CONFLICT (message_id) DO NOTHING"
-)
 
 
 async def insert_events(
@@ -250,7 +246,9 @@ async def insert_events(
 ) -> None:
     """The messages as inbox rows; a messageId already stored is skipped."""
     rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]
-    await execute_rows(connection, INSERT_EVENTS, rows)
+    await insert_rows(
+        connection, events, EVENT_COLUMNS, rows, " ON CONFLICT (message_id) DO NOTHING"
+    )
 
 
 def _event_row(message: Message, route: Route) -> tuple[Any, ...]:

@@ -36,7 +36,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db.database import Database
-from engine.db.queries import chunks, execute_rows, rows_for_ids
+from engine.db.queries import chunks, execute_rows, insert_rows, rows_for_ids
 from engine.db.schema import (
     enrollments,
     goals,
@@ -474,16 +474,16 @@ async def _write_figures(
             )
         )
     if changed:
-        await execute_rows(
+        await insert_rows(
             connection,
-            "INSERT INTO kpi_leads (journey_id, lead_id, day, source, goals, value)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT (journey_id, lead_id) DO UPDATE SET"
-            " day = excluded.day, source = excluded.source, goals = excluded.goals,"
-            " value = excluded.value",
+            kpi_leads,
+            ("journey_id", "lead_id", "day", "source", "goals", "value"),
             [
                 (journey_id, lead_id, figures.day, figures.source, figures.goals, figures.value)
                 for (journey_id, lead_id), figures in sorted(changed, key=lambda item: item[0])
             ],
+            " ON CONFLICT (journey_id, lead_id) DO UPDATE SET day = excluded.day,"
+            " source = excluded.source, goals = excluded.goals, value = excluded.value",
         )
     await deltas.write(connection)
 
