@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 from sqlalchemy import BigInteger, and_, exists, func, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.queries import driver_sql, execute_rows, json_value, upsert
+from engine.db.queries import driver_sql, json_value, update_rows, upsert
 from engine.db.schema import (
     audience_members,
     counters,
@@ -68,12 +68,16 @@ async def number_changes(connection: AsyncConnection, limit: int = SEQUENCE_BATC
         .returning(counters.c.value)
     )
     first = int(top or 0) - len(changed) + 1
-    # One executemany of plain rows: the counter stays locked until commit, and workers
-    # adding to these memberships wait for their row locks as long.
-    await execute_rows(
+    # Plain rows in one statement (an executemany on SQLite): the counter stays locked
+    # until commit, and workers adding to these memberships wait for their row locks as
+    # long.
+    await update_rows(
         connection,
-        "UPDATE audience_members SET seq = ? WHERE audience = ? AND lead_id = ? AND seq IS NULL",
+        audience_members,
+        ("seq",),
+        ("audience", "lead_id"),
         [(number, row.audience, row.lead_id) for number, row in enumerate(changed, start=first)],
+        where="seq IS NULL",
     )
     return [row.lead_id for row in changed]
 

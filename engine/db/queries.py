@@ -141,6 +141,67 @@ async def insert_rows(
         await connection.exec_driver_sql(statement, list(rows))
 
 
+@lru_cache(maxsize=64)
+def _update_statement(
+    dialect: str,
+    table: Table,
+    columns: tuple[str, ...],
+    keys: tuple[str, ...],
+    also: str,
+    where: str,
+) -> str:
+    extra = f" AND {where}" if where else ""
+    if dialect == "postgresql":
+        # The rows' columns are named _1, _2 ... so that `where` can name the table's own
+        # without qualifying them.
+        arrays = ", ".join(
+            f"${number}::{table.c[name].type.compile(dialect=_POSTGRESQL)}[]"
+            for number, name in enumerate((*columns, *keys), start=1)
+        )
+        names = ", ".join(f"_{number}" for number in range(1, len(columns) + len(keys) + 1))
+        assigned = [f"{name} = v._{number}" for number, name in enumerate(columns, start=1)]
+        matched = [
+            f"{table.name}.{name} = v._{number}"
+            for number, name in enumerate(keys, start=len(columns) + 1)
+        ]
+        return (
+            f"UPDATE {table.name} SET {', '.join([*assigned, *([also] if also else [])])}"
+            f" FROM unnest({arrays}) AS v({names}) WHERE {' AND '.join(matched)}{extra}"
+        )
+    assigned = [f"{name} = ?" for name in columns]
+    return (
+        f"UPDATE {table.name} SET {', '.join([*assigned, *([also] if also else [])])}"
+        f" WHERE {' AND '.join(f'{name} = ?' for name in keys)}{extra}"
+    )
+
+
+async def update_rows(
+    connection: SqlConnection,
+    table: Table,
+    columns: tuple[str, ...],
+    keys: tuple[str, ...],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    also: str = "",
+    where: str = "",
+) -> None:
+    """Set `columns` of the `table` row matched by `keys`, for each of `rows`: tuples of
+    the values of `columns`, then of `keys`, as the driver takes them. `also` adds
+    assignments of constants (`seq = NULL`), `where` conditions on the table's row.
+
+    One statement on PostgreSQL, an executemany on SQLite, as `insert_rows`. The rows
+    must match distinct table rows: PostgreSQL updates a row matched twice only once.
+    """
+    if not rows:
+        return
+    statement = _update_statement(connection.dialect.name, table, columns, keys, also, where)
+    if connection.dialect.name == "postgresql":
+        arrays = tuple(list(column) for column in zip(*rows, strict=True))
+        await connection.exec_driver_sql(statement, arrays)
+    else:
+        await connection.exec_driver_sql(statement, list(rows))
+
+
 def in_list(
     connection: SqlConnection, values: Sequence[Any], sql_type: str = "bigint"
 ) -> tuple[str, tuple[Any, ...]]:
@@ -599,10 +660,11 @@ LeadUpdate = tuple[
 
 
 async def update_leads(connection: AsyncConnection, rows: Sequence[LeadUpdate]) -> None:
-    await execute_rows(
+    await update_rows(
         connection,
-        "UPDATE leads SET traits = ?, email = ?, watermark = ?, first_source = ?,"
-        " first_source_at = ?, updated_at = ? WHERE id = ?",
+        leads,
+        ("traits", "email", "watermark", "first_source", "first_source_at", "updated_at"),
+        ("id",),
         [
             (
                 json_text(traits),
@@ -702,10 +764,11 @@ EnrollmentUpdate = tuple[int, int, str, str, int, datetime, datetime | None, Seq
 
 
 async def update_enrollments(connection: AsyncConnection, rows: Sequence[EnrollmentUpdate]) -> None:
-    await execute_rows(
+    await update_rows(
         connection,
-        "UPDATE enrollments SET version = ?, stage = ?, state = ?, epoch = ?,"
-        " stage_entered_at = ?, ended_at = ?, sequences = ? WHERE id = ?",
+        enrollments,
+        ("version", "stage", "state", "epoch", "stage_entered_at", "ended_at", "sequences"),
+        ("id",),
         [
             (
                 version,
@@ -864,12 +927,15 @@ AudienceRemoval = tuple[str, int, datetime]
 async def remove_from_audiences(
     connection: AsyncConnection, rows: Sequence[AudienceRemoval]
 ) -> None:
-    """Only current members are removed."""
-    await execute_rows(
+    """Only current members are removed. One row per (audience, lead)."""
+    await update_rows(
         connection,
-        "UPDATE audience_members SET removed_at = ?, seq = NULL"
-        " WHERE audience = ? AND lead_id = ? AND removed_at IS NULL",
+        audience_members,
+        ("removed_at",),
+        ("audience", "lead_id"),
         [(micros(removed_at), audience, lead_id) for audience, lead_id, removed_at in rows],
+        also="seq = NULL",
+        where="removed_at IS NULL",
     )
 
 

@@ -1,13 +1,15 @@
-"""`insert_rows`: many rows in one statement on PostgreSQL (the columns as arrays), an
-executemany on SQLite; the same rows stored either way, ON CONFLICT clauses included."""
+"""`insert_rows` and `update_rows`: many rows in one statement on PostgreSQL (the
+columns as arrays), an executemany on SQLite; the same rows stored either way, ON
+CONFLICT clauses and extra conditions included."""
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
 from engine.db.database import Database
-from engine.db.queries import insert_rows, json_text
-from engine.db.schema import outbox, transitions
+from engine.db.queries import insert_rows, json_text, update_rows
+from engine.db.schema import audience_members, outbox, transitions
+from engine.db.types import from_micros
 
 OUTBOX_COLUMNS = (
     "idempotency_key",
@@ -87,3 +89,48 @@ async def test_no_rows_is_no_statement(db: Database) -> None:
         await insert_rows(connection, outbox, OUTBOX_COLUMNS, [], KEEP_FIRST)
     async with db.read() as connection:
         assert (await connection.execute(select(outbox.c.id))).all() == []
+
+
+async def test_updates_match_on_every_key_and_keep_to_the_extra_condition(db: Database) -> None:
+    members = [
+        ("retarget", 1, "doors", 10, None),
+        ("retarget", 2, "doors", 10, None),
+        ("retarget", 3, "doors", 10, 20),  # removed already: keeps its removal time
+        ("newsletter", 1, "doors", 10, None),  # another audience, same lead: untouched
+    ]
+    async with db.write() as connection:
+        await insert_rows(
+            connection,
+            audience_members,
+            ("audience", "lead_id", "journey_id", "added_at", "removed_at"),
+            members,
+        )
+        await connection.execute(audience_members.update().values(seq=5))
+    async with db.write() as connection:
+        await update_rows(
+            connection,
+            audience_members,
+            ("removed_at",),
+            ("audience", "lead_id"),
+            [(30, "retarget", 1), (31, "retarget", 3), (32, "retarget", 9)],
+            also="seq = NULL",
+            where="removed_at IS NULL",
+        )
+
+    async with db.read() as connection:
+        stored = (
+            await connection.execute(
+                select(
+                    audience_members.c.audience,
+                    audience_members.c.lead_id,
+                    audience_members.c.removed_at,
+                    audience_members.c.seq,
+                ).order_by(audience_members.c.audience, audience_members.c.lead_id)
+            )
+        ).all()
+    removed = {(audience, lead): (at, seq) for audience, lead, at, seq in stored}
+    assert removed[("retarget", 1)] == (from_micros(30), None)  # changed: numbered again
+    assert removed[("retarget", 2)] == (None, 5)
+    assert removed[("retarget", 3)] == (from_micros(20), 5)  # not current: not touched
+    assert removed[("newsletter", 1)] == (None, 5)
+    assert len(removed) == 4  # no row made for the lead that was never a member
