@@ -867,22 +867,25 @@ async def mark_outbox_dispatched(
 NewChannelAction = tuple[str, int, int, str, str, str, datetime]
 
 
+OUTBOX_COLUMNS = (
+    "idempotency_key",
+    "lead_id",
+    "enrollment_id",
+    "journey_id",
+    "action",
+    "target",
+    "status",
+    "created_at",
+    "updated_at",
+)
+
+
 async def insert_outbox(connection: AsyncConnection, rows: Sequence[NewChannelAction]) -> None:
     """Channel actions, pending; one that ran already for its idempotency key is ignored."""
     await insert_rows(
         connection,
         outbox,
-        (
-            "idempotency_key",
-            "lead_id",
-            "enrollment_id",
-            "journey_id",
-            "action",
-            "target",
-            "status",
-            "created_at",
-            "updated_at",
-        ),
+        OUTBOX_COLUMNS,
         [
             (key, lead_id, enrollment_id, journey_id, action, target, OUTBOX_PENDING, at, at)
             for key, lead_id, enrollment_id, journey_id, action, target, moment in rows

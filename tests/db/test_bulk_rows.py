@@ -7,21 +7,10 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from engine.db.database import Database
-from engine.db.queries import insert_rows, json_text, update_rows
+from engine.db.queries import OUTBOX_COLUMNS, insert_rows, json_text, update_rows
 from engine.db.schema import audience_members, outbox, transitions
 from engine.db.types import from_micros
 
-OUTBOX_COLUMNS = (
-    "idempotency_key",
-    "lead_id",
-    "enrollment_id",
-    "journey_id",
-    "action",
-    "target",
-    "status",
-    "created_at",
-    "updated_at",
-)
 KEEP_FIRST = " ON CONFLICT (idempotency_key) DO NOTHING"
 
 
