@@ -100,19 +100,39 @@ async def execute_rows(
         await connection.exec_driver_sql(driver_sql(connection, statement), list(rows))
 
 
-_POSTGRESQL = PGDialect()  # type: ignore[no-untyped-call]  # names each column type
+# On PostgreSQL the bulk writes below take each column as one array parameter, typed
+# as the column is: this names the type.
+_POSTGRESQL = PGDialect()  # type: ignore[no-untyped-call]
+
+
+def _arrays(table: Table, columns: Sequence[str]) -> str:
+    """`unnest`'s arguments for `columns` of `table`: `$1::BIGINT[], $2::VARCHAR(64)[]`..."""
+    return ", ".join(
+        f"${number}::{table.c[name].type.compile(dialect=_POSTGRESQL)}[]"
+        for number, name in enumerate(columns, start=1)
+    )
+
+
+async def _execute_for_rows(
+    connection: SqlConnection, statement: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """On PostgreSQL `statement` takes the rows' columns as arrays, in one execution; on
+    SQLite it is executed once per row, in one executemany."""
+    if connection.dialect.name == "postgresql":
+        columns = tuple(list(column) for column in zip(*rows, strict=True))
+        await connection.exec_driver_sql(statement, columns)
+    else:
+        await connection.exec_driver_sql(statement, list(rows))
 
 
 @lru_cache(maxsize=64)
 def _insert_statement(dialect: str, table: Table, columns: tuple[str, ...], suffix: str) -> str:
     names = ", ".join(columns)
     if dialect == "postgresql":
-        arrays = ", ".join(
-            f"${number}::{table.c[name].type.compile(dialect=_POSTGRESQL)}[]"
-            for number, name in enumerate(columns, start=1)
-        )
-        return f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}){suffix}"
-    return f"INSERT INTO {table.name} ({names}) VALUES ({','.join('?' * len(columns))}){suffix}"
+        rows = f"SELECT * FROM unnest({_arrays(table, columns)})"
+    else:
+        rows = f"VALUES ({','.join('?' * len(columns))})"
+    return f"INSERT INTO {table.name} ({names}) {rows}{suffix}"
 
 
 async def insert_rows(
@@ -131,14 +151,9 @@ async def insert_rows(
     rows an ON CONFLICT ... DO UPDATE could meet twice must be merged before. On SQLite,
     in the process, an executemany is as cheap.
     """
-    if not rows:
-        return
-    statement = _insert_statement(connection.dialect.name, table, columns, suffix)
-    if connection.dialect.name == "postgresql":
-        arrays = tuple(list(column) for column in zip(*rows, strict=True))
-        await connection.exec_driver_sql(statement, arrays)
-    else:
-        await connection.exec_driver_sql(statement, list(rows))
+    if rows:
+        statement = _insert_statement(connection.dialect.name, table, columns, suffix)
+        await _execute_for_rows(connection, statement, rows)
 
 
 @lru_cache(maxsize=64)
@@ -150,28 +165,22 @@ def _update_statement(
     also: str,
     where: str,
 ) -> str:
-    extra = f" AND {where}" if where else ""
     if dialect == "postgresql":
         # The rows' columns are named _1, _2 ... so that `where` can name the table's own
         # without qualifying them.
-        arrays = ", ".join(
-            f"${number}::{table.c[name].type.compile(dialect=_POSTGRESQL)}[]"
-            for number, name in enumerate((*columns, *keys), start=1)
-        )
-        names = ", ".join(f"_{number}" for number in range(1, len(columns) + len(keys) + 1))
-        assigned = [f"{name} = v._{number}" for number, name in enumerate(columns, start=1)]
-        matched = [
-            f"{table.name}.{name} = v._{number}"
-            for number, name in enumerate(keys, start=len(columns) + 1)
-        ]
-        return (
-            f"UPDATE {table.name} SET {', '.join([*assigned, *([also] if also else [])])}"
-            f" FROM unnest({arrays}) AS v({names}) WHERE {' AND '.join(matched)}{extra}"
-        )
-    assigned = [f"{name} = ?" for name in columns]
+        names = [f"_{number}" for number in range(1, len(columns) + len(keys) + 1)]
+        values = [f"v.{name}" for name in names]
+        rows = f" FROM unnest({_arrays(table, (*columns, *keys))}) AS v({', '.join(names)})"
+        keyed = [f"{table.name}.{name}" for name in keys]
+    else:
+        values, rows, keyed = ["?"] * (len(columns) + len(keys)), "", list(keys)
+    assigned = [f"{name} = {value}" for name, value in zip(columns, values, strict=False)]
+    matched = [
+        f"{name} = {value}" for name, value in zip(keyed, values[len(columns) :], strict=True)
+    ]
     return (
-        f"UPDATE {table.name} SET {', '.join([*assigned, *([also] if also else [])])}"
-        f" WHERE {' AND '.join(f'{name} = ?' for name in keys)}{extra}"
+        f"UPDATE {table.name} SET {', '.join([*assigned, *([also] if also else [])])}{rows}"
+        f" WHERE {' AND '.join([*matched, *([where] if where else [])])}"
     )
 
 
@@ -192,14 +201,9 @@ async def update_rows(
     One statement on PostgreSQL, an executemany on SQLite, as `insert_rows`. The rows
     must match distinct table rows: PostgreSQL updates a row matched twice only once.
     """
-    if not rows:
-        return
-    statement = _update_statement(connection.dialect.name, table, columns, keys, also, where)
-    if connection.dialect.name == "postgresql":
-        arrays = tuple(list(column) for column in zip(*rows, strict=True))
-        await connection.exec_driver_sql(statement, arrays)
-    else:
-        await connection.exec_driver_sql(statement, list(rows))
+    if rows:
+        statement = _update_statement(connection.dialect.name, table, columns, keys, also, where)
+        await _execute_for_rows(connection, statement, rows)
 
 
 def in_list(
