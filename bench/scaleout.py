@@ -47,26 +47,28 @@ MOVES_PER_LEAD = 4  # entry, to landing, to nurturing, to customer
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-async def pending_events(db: Database) -> int:
-    """Every event not applied yet (the channels' own included)."""
+def pending(*, traffic_only: bool) -> ColumnElement[bool]:
+    """Events not applied yet; with `traffic_only`, the traffic's own only: the channels'
+    internal events (`email.sent`, ...) keep coming while they work through the outbox,
+    and are not the traffic measured."""
+    condition: ColumnElement[bool] = events.c.processed_at.is_(None)
+    return condition & (events.c.type != "internal") if traffic_only else condition
+
+
+async def count_pending(db: Database, *, traffic_only: bool) -> int:
     async with db.read() as connection:
-        count = await connection.scalar(select(func.count()).where(events.c.processed_at.is_(None)))
+        count = await connection.scalar(
+            select(func.count()).where(pending(traffic_only=traffic_only))
+        )
     return int(count or 0)
 
 
 async def traffic_pending(url: str) -> int:
-    """The traffic's events not applied yet (not the channels' internal ones)."""
     db = Database(url)
     try:
-        async with db.read() as connection:
-            count = await connection.scalar(
-                select(func.count()).where(
-                    events.c.processed_at.is_(None), events.c.type != "internal"
-                )
-            )
+        return await count_pending(db, traffic_only=True)
     finally:
         await db.close()
-    return int(count or 0)
 
 
 async def work_left(db: Database, leads: int, *, outbox_too: bool) -> str | None:
@@ -83,12 +85,8 @@ async def work_left(db: Database, leads: int, *, outbox_too: bool) -> str | None
         )
         if customers != leads:
             return f"{customers} of {leads} leads are customers"
-        # The traffic's own events: the channels' internal ones (`email.sent`, ...) keep
-        # coming while they work through the outbox, and are not the traffic measured.
-        pending: ColumnElement[bool] = events.c.processed_at.is_(None)
-        if not outbox_too:
-            pending = pending & (events.c.type != "internal")
-        if await connection.scalar(select(events.c.id).where(pending).limit(1)) is not None:
+        waiting = select(events.c.id).where(pending(traffic_only=not outbox_too)).limit(1)
+        if await connection.scalar(waiting) is not None:
             return "events are pending"
         if outbox_too and await connection.scalar(
             select(outbox.c.id).where(outbox.c.status == "pending").limit(1)
@@ -260,7 +258,7 @@ async def until_pending_at_most(url: str, count: int) -> None:
     db = Database(url)
     try:
         while True:
-            if await pending_events(db) <= count:
+            if await count_pending(db, traffic_only=False) <= count:
                 return
             await asyncio.sleep(0.1)
     finally:
