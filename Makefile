@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The install compiles the pure core (setup.py): an edited module of it is built again.
+CORE := $(filter-out %/__init__.py %/_compiled.py,$(wildcard engine/machine/*.py))
 
 # A PostgreSQL that answers on 127.0.0.1:5432 is used by the tests; under CI=true a missing one fails them.
 PG_URL := postgresql+asyncpg://postgres@127.0.0.1:5432/test
@@ -14,7 +16,7 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(CORE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -25,8 +27,8 @@ run: $(STAMP)
 	$(BIN)/cjm serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine channels tests bench
-	$(BIN)/ruff format --check engine channels tests bench
+	$(BIN)/ruff check engine channels tests bench setup.py
+	$(BIN)/ruff format --check engine channels tests bench setup.py
 	$(BIN)/mypy engine channels bench
 
 $(CHROMIUM):
@@ -58,3 +60,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var test-artifacts
+	rm -rf build engine/machine/*.so engine/machine/_compiled.py

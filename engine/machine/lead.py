@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from engine.journey.model import Journey
 from engine.machine.book import JourneyBook
@@ -25,66 +25,133 @@ from engine.machine.values import (
     CancelTimers,
     Effect,
     Enrollment,
+    Event,
     SetTrait,
     StartTimer,
     Step,
-    new_event,
-    new_timer_fired,
-    slot_setters,
+    TimerFired,
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class LeadEvent:
     """An inbox message of the lead, as the machine needs it."""
 
-    seq: int  # arrival order: breaks ties between events of the same timestamp
-    name: str
-    timestamp: datetime
-    message_id: str
-    properties: Mapping[str, Any] = field(default_factory=dict)
-    context: Mapping[str, Any] = field(default_factory=dict)
-    traits: Mapping[str, Any] = field(default_factory=dict)  # identify: traits to merge
+    seq: Final[int]  # arrival order: breaks ties between events of the same timestamp
+    name: Final[str]
+    timestamp: Final[datetime]
+    message_id: Final[str]
+    properties: Final[Mapping[str, Any]]
+    context: Final[Mapping[str, Any]]
+    traits: Final[Mapping[str, Any]]  # identify: traits to merge
+
+    def __init__(
+        self,
+        seq: int,
+        name: str,
+        timestamp: datetime,
+        message_id: str,
+        properties: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        traits: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.seq = seq
+        self.name = name
+        self.timestamp = timestamp
+        self.message_id = message_id
+        self.properties = {} if properties is None else properties
+        self.context = {} if context is None else context
+        self.traits = {} if traits is None else traits
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class PendingTimer:
-    journey_id: str
-    entry_no: int
-    stage: str
-    epoch: int
-    transition: int
-    due_at: datetime
-    id: int | None = None  # the stored row; None for a timer started in this run
+    journey_id: Final[str]
+    entry_no: Final[int]
+    stage: Final[str]
+    epoch: Final[int]
+    transition: Final[int]
+    due_at: Final[datetime]
+    id: Final[int | None]  # the stored row; None for a timer started in this run
+
+    def __init__(
+        self,
+        journey_id: str,
+        entry_no: int,
+        stage: str,
+        epoch: int,
+        transition: int,
+        due_at: datetime,
+        id: int | None = None,
+    ) -> None:
+        self.journey_id = journey_id
+        self.entry_no = entry_no
+        self.stage = stage
+        self.epoch = epoch
+        self.transition = transition
+        self.due_at = due_at
+        self.id = id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Lead:
     """What the machine knows of a lead: traits, the time reached, latest enrollments."""
 
-    traits: Mapping[str, Any]
-    watermark: datetime | None
-    enrollments: Mapping[str, Enrollment]  # the latest enrollment per journey id
+    traits: Final[Mapping[str, Any]]
+    watermark: Final[datetime | None]
+    enrollments: Final[Mapping[str, Enrollment]]  # the latest enrollment per journey id
+
+    def __init__(
+        self,
+        traits: Mapping[str, Any],
+        watermark: datetime | None,
+        enrollments: Mapping[str, Enrollment],
+    ) -> None:
+        self.traits = traits
+        self.watermark = watermark
+        self.enrollments = enrollments
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class JourneyEffect:
     """An effect, the enrollment (journey and entry number) it belongs to, and when."""
 
-    journey_id: str
-    entry_no: int
-    at: datetime
-    effect: Effect
+    journey_id: Final[str]
+    entry_no: Final[int]
+    at: Final[datetime]
+    effect: Final[Effect]
+
+    def __init__(self, journey_id: str, entry_no: int, at: datetime, effect: Effect) -> None:
+        self.journey_id = journey_id
+        self.entry_no = entry_no
+        self.at = at
+        self.effect = effect
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Outcome:
-    lead: Lead
-    changed: tuple[Enrollment, ...]  # the final value of every enrollment this run changed
-    effects: tuple[JourneyEffect, ...]
-    fired: tuple[int, ...]  # stored timers consumed (fired or found void)
-    cancelled: frozenset[tuple[str, int]]  # enrollments whose stored timers are all void
-    timers: tuple[PendingTimer, ...]  # timers started and still pending: to store
+    lead: Final[Lead]
+    changed: Final[tuple[Enrollment, ...]]  # the final value of each enrollment this run changed
+    effects: Final[tuple[JourneyEffect, ...]]
+    fired: Final[tuple[int, ...]]  # stored timers consumed (fired or found void)
+    cancelled: Final[frozenset[tuple[str, int]]]  # enrollments whose stored timers are all void
+    timers: Final[tuple[PendingTimer, ...]]  # timers started and still pending: to store
+
+    def __init__(
+        self,
+        lead: Lead,
+        changed: tuple[Enrollment, ...],
+        effects: tuple[JourneyEffect, ...],
+        fired: tuple[int, ...],
+        cancelled: frozenset[tuple[str, int]],
+        timers: tuple[PendingTimer, ...],
+    ) -> None:
+        self.lead = lead
+        self.changed = changed
+        self.effects = effects
+        self.fired = fired
+        self.cancelled = cancelled
+        self.timers = timers
 
 
 class _Queued:
@@ -194,7 +261,7 @@ class _Run:
         if enrollment is None or not enrollment.active:
             return False
         journey = self.book.versions[(timer.journey_id, enrollment.version)]
-        fired = new_timer_fired(
+        fired = TimerFired(
             timer.journey_id,
             timer.entry_no,
             timer.stage,
@@ -214,7 +281,7 @@ class _Run:
         if traits is None:
             traits = self.traits_seen = dict(self.traits)
         watermark = self.watermark
-        event = new_event(
+        event = Event(
             message.name,
             message.timestamp,
             message.message_id,
@@ -259,7 +326,7 @@ class _Run:
             self.changed[key] = enrollment
         append = self.effects.append
         for effect in result.effects:
-            append(new_journey_effect(journey_id, entry_no, now, effect))
+            append(JourneyEffect(journey_id, entry_no, now, effect))
             kind = type(effect)  # the core's own values: one type test, not an isinstance each
             if kind is StartTimer:
                 self._start(journey_id, entry_no, cast(StartTimer, effect))
@@ -273,7 +340,7 @@ class _Run:
                 self.traits_seen = None
 
     def _start(self, journey_id: str, entry_no: int, start: StartTimer) -> None:
-        timer = new_pending_timer(
+        timer = PendingTimer(
             journey_id, entry_no, start.stage, start.epoch, start.transition, start.due_at, None
         )
         entry = _timer_entry(timer)
@@ -289,109 +356,11 @@ class _Run:
             for at, _, _, queued in entries
             if not queued.void and at > horizon and isinstance(queued.item, PendingTimer)
         )
-        return new_outcome(
-            new_lead(self.traits, self.watermark, self.enrollments),
+        return Outcome(
+            Lead(self.traits, self.watermark, self.enrollments),
             tuple(self.changed.values()),
             tuple(self.effects),
             tuple(self.fired),
             frozenset(self.cancelled),
             pending,
         )
-
-
-# --- positional constructors for the inner loop (see engine/machine/values.py) -------------------
-
-_JOURNEY_EFFECT = slot_setters(JourneyEffect)
-_LEAD_EVENT = slot_setters(LeadEvent)
-_PENDING_TIMER = slot_setters(PendingTimer)
-_LEAD = slot_setters(Lead)
-_OUTCOME = slot_setters(Outcome)
-_new = object.__new__
-
-
-def new_journey_effect(
-    journey_id: str, entry_no: int, at: datetime, effect: Effect
-) -> JourneyEffect:
-    set_journey_id, set_entry_no, set_at, set_effect = _JOURNEY_EFFECT
-    made = _new(JourneyEffect)
-    set_journey_id(made, journey_id)
-    set_entry_no(made, entry_no)
-    set_at(made, at)
-    set_effect(made, effect)
-    return made
-
-
-def new_lead_event(
-    seq: int,
-    name: str,
-    timestamp: datetime,
-    message_id: str,
-    properties: Mapping[str, Any],
-    context: Mapping[str, Any],
-    traits: Mapping[str, Any],
-) -> LeadEvent:
-    set_seq, set_name, set_timestamp, set_message_id, set_properties, set_context, set_traits = (
-        _LEAD_EVENT
-    )
-    made = _new(LeadEvent)
-    set_seq(made, seq)
-    set_name(made, name)
-    set_timestamp(made, timestamp)
-    set_message_id(made, message_id)
-    set_properties(made, properties)
-    set_context(made, context)
-    set_traits(made, traits)
-    return made
-
-
-def new_pending_timer(
-    journey_id: str,
-    entry_no: int,
-    stage: str,
-    epoch: int,
-    transition: int,
-    due_at: datetime,
-    id: int | None,
-) -> PendingTimer:
-    set_journey_id, set_entry_no, set_stage, set_epoch, set_transition, set_due_at, set_id = (
-        _PENDING_TIMER
-    )
-    made = _new(PendingTimer)
-    set_journey_id(made, journey_id)
-    set_entry_no(made, entry_no)
-    set_stage(made, stage)
-    set_epoch(made, epoch)
-    set_transition(made, transition)
-    set_due_at(made, due_at)
-    set_id(made, id)
-    return made
-
-
-def new_lead(
-    traits: Mapping[str, Any], watermark: datetime | None, enrollments: Mapping[str, Enrollment]
-) -> Lead:
-    set_traits, set_watermark, set_enrollments = _LEAD
-    made = _new(Lead)
-    set_traits(made, traits)
-    set_watermark(made, watermark)
-    set_enrollments(made, enrollments)
-    return made
-
-
-def new_outcome(
-    lead: Lead,
-    changed: tuple[Enrollment, ...],
-    effects: tuple[JourneyEffect, ...],
-    fired: tuple[int, ...],
-    cancelled: frozenset[tuple[str, int]],
-    timers: tuple[PendingTimer, ...],
-) -> Outcome:
-    set_lead, set_changed, set_effects, set_fired, set_cancelled, set_timers = _OUTCOME
-    made = _new(Outcome)
-    set_lead(made, lead)
-    set_changed(made, changed)
-    set_effects(made, effects)
-    set_fired(made, fired)
-    set_cancelled(made, cancelled)
-    set_timers(made, timers)
-    return made

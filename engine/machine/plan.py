@@ -35,12 +35,12 @@ from engine.journey.model import (
 )
 from engine.machine.values import (
     AddToAudience,
+    ChannelAction,
     ChannelActionKind,
     Effect,
     Event,
     RemoveFromAudience,
     SetTrait,
-    new_channel_action,
 )
 
 # A stage's entry effects with channel actions are cached per epoch up to this one; a
@@ -214,7 +214,7 @@ class StagePlan:
 
     def _made(self, epoch: int) -> tuple[Effect, ...]:
         return tuple(
-            new_channel_action(action[0], action[1], f"{epoch}.{action[2]}")
+            ChannelAction(action[0], action[1], f"{epoch}.{action[2]}")
             if isinstance(action, tuple)
             else action
             for action in self._actions

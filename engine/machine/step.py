@@ -5,8 +5,8 @@ the effects out. No clock, no database, no network, so the same function runs th
 live engine, the simulator and the property tests.
 
 This is the engine's inner loop, so what a move emits that depends only on the map is
-read from the journey's plan (engine/machine/plan.py), made once per journey, and
-values are made with the positional constructors of engine/machine/values.py.
+read from the journey's plan (engine/machine/plan.py), made once per journey. Like
+the values it makes, it is compiled to C by mypyc (setup.py).
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ from engine.machine.plan import JourneyPlan, StagePlan, plan_of
 from engine.machine.values import (
     CancelTimers,
     Cause,
+    ChannelAction,
     Effect,
     Enrollment,
     EnrollmentState,
     Event,
     Input,
+    ReachGoal,
+    StartTimer,
     Step,
     TimerFired,
-    new_cause,
-    new_channel_action,
-    new_enrollment,
-    new_reach_goal,
-    new_start_timer,
-    new_step,
-    new_transitioned,
+    Transitioned,
 )
 
 _CANCEL_TIMERS = CancelTimers()  # no fields: one value serves every move
@@ -63,7 +60,7 @@ def upgrade(journey: Journey, enrollment: Enrollment, now: datetime) -> Step:
     since = moved.stage_entered_at
     effects: list[Effect] = [
         _CANCEL_TIMERS,
-        new_transitioned(stage.id, stage.id, now, cause, since),
+        Transitioned(stage.id, stage.id, now, cause, since),
     ]
     _start_timers(stage, moved.epoch, since, now, effects)
     if stage.terminal:
@@ -76,10 +73,10 @@ def leave(enrollment: Enrollment, now: datetime, cause: Cause) -> Step:
     """End an active enrollment at once: timers void, sequences stopped."""
     effects: list[Effect] = [
         _CANCEL_TIMERS,
-        new_transitioned(enrollment.stage, None, now, cause, enrollment.stage_entered_at),
+        Transitioned(enrollment.stage, None, now, cause, enrollment.stage_entered_at),
     ]
     _stop_sequences(enrollment.sequences, enrollment.epoch, "exit", effects)
-    ended = new_enrollment(
+    ended = Enrollment(
         enrollment.journey_id,
         enrollment.version,
         enrollment.entry_no,
@@ -91,7 +88,7 @@ def leave(enrollment: Enrollment, now: datetime, cause: Cause) -> Step:
         now,
         (),
     )
-    return new_step(ended, tuple(effects))
+    return Step(ended, tuple(effects))
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -121,14 +118,14 @@ def _on_event(
                     sequences=(),
                     since=None,
                     now=now,
-                    cause=new_cause(
+                    cause=Cause(
                         "entry", name, event.message_id, event.timestamp, event.late, None, None
                     ),
                     effects=effects,
                 )
         if enrollment is not None and name == plan.goal_on:
             _reach_goal(plan, event, effects)
-        return new_step(enrollment, tuple(effects))
+        return Step(enrollment, tuple(effects))
 
     if name == plan.goal_on:
         _reach_goal(plan, event, effects)
@@ -136,23 +133,21 @@ def _on_event(
     if exits is not None:
         for condition in exits:
             if condition is None or condition(event):
-                cause = new_cause(
+                cause = Cause(
                     "exit", name, event.message_id, event.timestamp, event.late, None, None
                 )
                 left = leave(enrollment, now, cause)
-                return new_step(left.enrollment, (*effects, *left.effects, *plan.leaving))
+                return Step(left.enrollment, (*effects, *left.effects, *plan.leaving))
     sequences = enrollment.sequences
     if sequences and (stopped := plan.stoppers.get(name)) is not None:
         sequences = _stop_on(enrollment, sequences, stopped, effects)
     for condition, to in plan.stages[enrollment.stage].on_event.get(name, ()):
         if condition is None or condition(event):
-            cause = new_cause(
-                "event", name, event.message_id, event.timestamp, event.late, None, None
-            )
+            cause = Cause("event", name, event.message_id, event.timestamp, event.late, None, None)
             return _move(plan, enrollment, sequences, to, now, cause, effects)
     if sequences is not enrollment.sequences:
         enrollment = replace(enrollment, sequences=sequences)
-    return new_step(enrollment, tuple(effects))
+    return Step(enrollment, tuple(effects))
 
 
 def _on_timer(
@@ -165,12 +160,12 @@ def _on_timer(
         or timer.epoch != enrollment.epoch
         or timer.stage != enrollment.stage
     ):
-        return new_step(enrollment, ())  # the lead left that stage: the timer is void
+        return Step(enrollment, ())  # the lead left that stage: the timer is void
     timeout = plan.stages[enrollment.stage].transitions[timer.transition]
     if timeout is None:
-        return new_step(enrollment, ())  # not a timeout of the stage
+        return Step(enrollment, ())  # not a timeout of the stage
     to, after = timeout
-    cause = new_cause("timer", None, None, timer.due_at, False, after, None)
+    cause = Cause("timer", None, None, timer.due_at, False, after, None)
     return _move(plan, enrollment, enrollment.sequences, to, now, cause, [])
 
 
@@ -203,7 +198,7 @@ def _move(
         cause=cause,
         effects=effects,
     )
-    return new_step(moved, tuple(effects))
+    return Step(moved, tuple(effects))
 
 
 def _arrive(
@@ -225,7 +220,7 @@ def _arrive(
 ) -> Enrollment:
     """Enter `stage` at `now`: the history line, its on_enter actions and its timeouts
     go to `effects`; a terminal stage ends the run there. The enrollment as it is then."""
-    effects.append(new_transitioned(from_stage, stage.id, now, cause, since))
+    effects.append(Transitioned(from_stage, stage.id, now, cause, since))
     effects.extend(stage.entered(epoch))
     if stage.timeouts:
         _start_timers(stage, epoch, now, now, effects)
@@ -234,7 +229,7 @@ def _arrive(
     if stage.terminal:
         _end_here(stage, epoch, sequences, effects)
         state, ended_at, sequences = "completed", now, ()
-    return new_enrollment(
+    return Enrollment(
         journey_id,
         version,
         entry_no,
@@ -253,9 +248,7 @@ def _start_timers(
 ) -> None:
     for index, after in stage.timeouts:
         due = since + after
-        effects.append(
-            new_start_timer(stage.id, epoch, index, not_before if not_before > due else due)
-        )
+        effects.append(StartTimer(stage.id, epoch, index, not_before if not_before > due else due))
 
 
 def _changed_sequences(
@@ -294,7 +287,7 @@ def _stop_on(
         return sequences
     epoch = enrollment.epoch
     effects.extend(
-        new_channel_action("sequence.stop", name, f"{epoch}.stop.{name}") for name in stopping
+        ChannelAction("sequence.stop", name, f"{epoch}.stop.{name}") for name in stopping
     )
     return tuple(name for name in sequences if name not in stopped)
 
@@ -303,7 +296,7 @@ def _stop_sequences(
     sequences: tuple[str, ...], epoch: int, why: str, effects: list[Effect]
 ) -> None:
     effects.extend(
-        new_channel_action("sequence.stop", name, f"{epoch}.{why}.{name}") for name in sequences
+        ChannelAction("sequence.stop", name, f"{epoch}.{why}.{name}") for name in sequences
     )
 
 
@@ -314,4 +307,4 @@ def _reach_goal(plan: JourneyPlan, event: Event, effects: list[Effect]) -> None:
     condition = plan.goal_condition
     if condition is None or condition(event):
         value = goal.value_of(event.view)
-        effects.append(new_reach_goal(event.message_id, event.timestamp, value))
+        effects.append(ReachGoal(event.message_id, event.timestamp, value))

@@ -1,36 +1,63 @@
 """The plain values the pure core reads and returns: enrollments, inputs, effects.
 
-All frozen; a changed enrollment is a new value (`dataclasses.replace`). Effects are
-data for the shell to carry out in one transaction, never calls.
+All immutable; a changed enrollment is a new value (`dataclasses.replace`). Effects
+are data for the shell to carry out in one transaction, never calls.
 
-The `new_*` functions at the end make the same values for the core's inner loop,
-without the cost of a frozen dataclass's constructor.
+The core is compiled to C by mypyc (setup.py), and these are its native classes: each
+field is `Final`, which the compiled class enforces at run time as a frozen dataclass
+would (setting one raises AttributeError), and each class writes its own `__init__`,
+since the one `dataclass` would generate could not set a `Final` field. Equality,
+hash and repr are the dataclass's, from the fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 EnrollmentState = Literal["active", "exited", "completed"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Enrollment:
     """One run of a lead through one journey: where it is and since when."""
 
-    journey_id: str
-    version: int
-    entry_no: int
-    stage: str
-    state: EnrollmentState
-    epoch: int  # counts stage entries; timers of an older epoch are stale
-    entered_at: datetime
-    stage_entered_at: datetime
-    ended_at: datetime | None = None
-    sequences: tuple[str, ...] = ()  # sequences started and not stopped
+    journey_id: Final[str]
+    version: Final[int]
+    entry_no: Final[int]
+    stage: Final[str]
+    state: Final[EnrollmentState]
+    epoch: Final[int]  # counts stage entries; timers of an older epoch are stale
+    entered_at: Final[datetime]
+    stage_entered_at: Final[datetime]
+    ended_at: Final[datetime | None]
+    sequences: Final[tuple[str, ...]]  # sequences started and not stopped
+
+    def __init__(
+        self,
+        journey_id: str,
+        version: int,
+        entry_no: int,
+        stage: str,
+        state: EnrollmentState,
+        epoch: int,
+        entered_at: datetime,
+        stage_entered_at: datetime,
+        ended_at: datetime | None = None,
+        sequences: tuple[str, ...] = (),
+    ) -> None:
+        self.journey_id = journey_id
+        self.version = version
+        self.entry_no = entry_no
+        self.stage = stage
+        self.state = state
+        self.epoch = epoch
+        self.entered_at = entered_at
+        self.stage_entered_at = stage_entered_at
+        self.ended_at = ended_at
+        self.sequences = sequences
 
     @property
     def active(self) -> bool:
@@ -40,17 +67,35 @@ class Enrollment:
 # --- inputs --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Event:
     """A tracked event as a journey sees it."""
 
-    name: str
-    timestamp: datetime
-    message_id: str
-    properties: Mapping[str, Any]
-    context: Mapping[str, Any]
-    traits: Mapping[str, Any]  # the lead's traits when the event is applied
-    late: bool = False  # older than the lead's clock: the latest event or timeout applied
+    name: Final[str]
+    timestamp: Final[datetime]
+    message_id: Final[str]
+    properties: Final[Mapping[str, Any]]
+    context: Final[Mapping[str, Any]]
+    traits: Final[Mapping[str, Any]]  # the lead's traits when the event is applied
+    late: Final[bool]  # older than the lead's clock: the latest event or timeout applied
+
+    def __init__(
+        self,
+        name: str,
+        timestamp: datetime,
+        message_id: str,
+        properties: Mapping[str, Any],
+        context: Mapping[str, Any],
+        traits: Mapping[str, Any],
+        late: bool = False,
+    ) -> None:
+        self.name = name
+        self.timestamp = timestamp
+        self.message_id = message_id
+        self.properties = properties
+        self.context = context
+        self.traits = traits
+        self.late = late
 
     @property
     def view(self) -> Mapping[str, Any]:
@@ -63,16 +108,32 @@ class Event:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class TimerFired:
     """A stage timeout that came due."""
 
-    journey_id: str
-    entry_no: int
-    stage: str
-    epoch: int
-    transition: int  # index in the stage's transitions
-    due_at: datetime
+    journey_id: Final[str]
+    entry_no: Final[int]
+    stage: Final[str]
+    epoch: Final[int]
+    transition: Final[int]  # index in the stage's transitions
+    due_at: Final[datetime]
+
+    def __init__(
+        self,
+        journey_id: str,
+        entry_no: int,
+        stage: str,
+        epoch: int,
+        transition: int,
+        due_at: datetime,
+    ) -> None:
+        self.journey_id = journey_id
+        self.entry_no = entry_no
+        self.stage = stage
+        self.epoch = epoch
+        self.transition = transition
+        self.due_at = due_at
 
 
 Input = Event | TimerFired
@@ -80,18 +141,38 @@ Input = Event | TimerFired
 
 # --- effects -------------------------------------------------------------------------------------
 
+CauseKind = Literal["entry", "event", "timer", "exit", "merge", "version"]
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(init=False, unsafe_hash=True)
 class Cause:
     """Why a transition happened, as the lead's history states it."""
 
-    kind: Literal["entry", "event", "timer", "exit", "merge", "version"]
-    event: str | None = None
-    message_id: str | None = None
-    timestamp: datetime | None = None
-    late: bool = False
-    after: str | None = None  # the timeout, for kind == "timer"
-    detail: str | None = None
+    kind: Final[CauseKind]
+    event: Final[str | None]
+    message_id: Final[str | None]
+    timestamp: Final[datetime | None]
+    late: Final[bool]
+    after: Final[str | None]  # the timeout, for kind == "timer"
+    detail: Final[str | None]
+
+    def __init__(
+        self,
+        kind: CauseKind,
+        event: str | None = None,
+        message_id: str | None = None,
+        timestamp: datetime | None = None,
+        late: bool = False,
+        after: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.event = event
+        self.message_id = message_id
+        self.timestamp = timestamp
+        self.late = late
+        self.after = after
+        self.detail = detail
 
     def as_dict(self) -> dict[str, Any]:
         found: dict[str, Any] = {"type": self.kind}
@@ -110,53 +191,86 @@ class Cause:
         return found
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Transitioned:
     """A line of history; `from_stage` None is an entry, `to_stage` None leaving the journey.
 
     `since` is when `from_stage` was entered: how long the lead spent there.
     """
 
-    from_stage: str | None
-    to_stage: str | None
-    at: datetime
-    cause: Cause
-    since: datetime | None = None
+    from_stage: Final[str | None]
+    to_stage: Final[str | None]
+    at: Final[datetime]
+    cause: Final[Cause]
+    since: Final[datetime | None]
+
+    def __init__(
+        self,
+        from_stage: str | None,
+        to_stage: str | None,
+        at: datetime,
+        cause: Cause,
+        since: datetime | None = None,
+    ) -> None:
+        self.from_stage = from_stage
+        self.to_stage = to_stage
+        self.at = at
+        self.cause = cause
+        self.since = since
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class StartTimer:
-    stage: str
-    epoch: int
-    transition: int
-    due_at: datetime
+    stage: Final[str]
+    epoch: Final[int]
+    transition: Final[int]
+    due_at: Final[datetime]
+
+    def __init__(self, stage: str, epoch: int, transition: int, due_at: datetime) -> None:
+        self.stage = stage
+        self.epoch = epoch
+        self.transition = transition
+        self.due_at = due_at
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class CancelTimers:
     """Every pending timer of the enrollment is void (it left its stage or the journey)."""
 
+    def __init__(self) -> None:
+        pass
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(init=False, unsafe_hash=True)
 class AddToAudience:
-    audience: str
+    audience: Final[str]
+
+    def __init__(self, audience: str) -> None:
+        self.audience = audience
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class RemoveFromAudience:
-    audience: str
+    audience: Final[str]
+
+    def __init__(self, audience: str) -> None:
+        self.audience = audience
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class SetTrait:
-    name: str
-    value: Any
+    name: Final[str]
+    value: Final[Any]
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.name = name
+        self.value = value
 
 
 ChannelActionKind = Literal["email.send", "sequence.start", "sequence.stop", "offer.grant"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class ChannelAction:
     """Work for a channel, through the outbox: `email.send`, `sequence.start`,
     `sequence.stop` or `offer.grant` of `target`.
@@ -165,18 +279,28 @@ class ChannelAction:
     shell's idempotency key makes the action run once per stage entry.
     """
 
-    action: ChannelActionKind
-    target: str
-    key: str
+    action: Final[ChannelActionKind]
+    target: Final[str]
+    key: Final[str]
+
+    def __init__(self, action: ChannelActionKind, target: str, key: str) -> None:
+        self.action = action
+        self.target = target
+        self.key = key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class ReachGoal:
     """A goal event of an enrolled lead: a deal for the KPIs."""
 
-    message_id: str
-    at: datetime
-    value: float | None
+    message_id: Final[str]
+    at: Final[datetime]
+    value: Final[float | None]
+
+    def __init__(self, message_id: str, at: datetime, value: float | None) -> None:
+        self.message_id = message_id
+        self.at = at
+        self.value = value
 
 
 Effect = (
@@ -191,186 +315,13 @@ Effect = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True)
 class Step:
     """What one input did to one journey enrollment."""
 
-    enrollment: Enrollment | None
-    effects: tuple[Effect, ...] = ()
+    enrollment: Final[Enrollment | None]
+    effects: Final[tuple[Effect, ...]]
 
-
-# --- positional constructors for the core's inner loop -------------------------------------------
-#
-# A frozen dataclass's __init__ stores each field through `object.__setattr__`, which
-# on the engine's hottest path costs about as much as the rest of a move. These make
-# the very same values (same class, so the same equality, hash, repr and immutability)
-# by storing every field straight into its slot. Each takes every field, in field
-# order; tests/machine hold them to the classes' fields and constructors.
-
-SlotSetter = Callable[[Any, Any], None]
-
-
-def slot_setters(cls: type) -> tuple[SlotSetter, ...]:
-    """The setters of the slots of `cls`'s fields, in field order."""
-    return tuple(cls.__dict__[field.name].__set__ for field in fields(cls))
-
-
-_new = object.__new__
-_ENROLLMENT = slot_setters(Enrollment)
-_EVENT = slot_setters(Event)
-_TIMER_FIRED = slot_setters(TimerFired)
-_CAUSE = slot_setters(Cause)
-_TRANSITIONED = slot_setters(Transitioned)
-_START_TIMER = slot_setters(StartTimer)
-_CHANNEL_ACTION = slot_setters(ChannelAction)
-_REACH_GOAL = slot_setters(ReachGoal)
-_STEP = slot_setters(Step)
-
-
-def new_enrollment(
-    journey_id: str,
-    version: int,
-    entry_no: int,
-    stage: str,
-    state: EnrollmentState,
-    epoch: int,
-    entered_at: datetime,
-    stage_entered_at: datetime,
-    ended_at: datetime | None,
-    sequences: tuple[str, ...],
-) -> Enrollment:
-    (
-        set_journey_id,
-        set_version,
-        set_entry_no,
-        set_stage,
-        set_state,
-        set_epoch,
-        set_entered_at,
-        set_stage_entered_at,
-        set_ended_at,
-        set_sequences,
-    ) = _ENROLLMENT
-    made = _new(Enrollment)
-    set_journey_id(made, journey_id)
-    set_version(made, version)
-    set_entry_no(made, entry_no)
-    set_stage(made, stage)
-    set_state(made, state)
-    set_epoch(made, epoch)
-    set_entered_at(made, entered_at)
-    set_stage_entered_at(made, stage_entered_at)
-    set_ended_at(made, ended_at)
-    set_sequences(made, sequences)
-    return made
-
-
-def new_event(
-    name: str,
-    timestamp: datetime,
-    message_id: str,
-    properties: Mapping[str, Any],
-    context: Mapping[str, Any],
-    traits: Mapping[str, Any],
-    late: bool,
-) -> Event:
-    set_name, set_timestamp, set_message_id, set_properties, set_context, set_traits, set_late = (
-        _EVENT
-    )
-    made = _new(Event)
-    set_name(made, name)
-    set_timestamp(made, timestamp)
-    set_message_id(made, message_id)
-    set_properties(made, properties)
-    set_context(made, context)
-    set_traits(made, traits)
-    set_late(made, late)
-    return made
-
-
-def new_timer_fired(
-    journey_id: str, entry_no: int, stage: str, epoch: int, transition: int, due_at: datetime
-) -> TimerFired:
-    set_journey_id, set_entry_no, set_stage, set_epoch, set_transition, set_due_at = _TIMER_FIRED
-    made = _new(TimerFired)
-    set_journey_id(made, journey_id)
-    set_entry_no(made, entry_no)
-    set_stage(made, stage)
-    set_epoch(made, epoch)
-    set_transition(made, transition)
-    set_due_at(made, due_at)
-    return made
-
-
-def new_cause(
-    kind: Literal["entry", "event", "timer", "exit", "merge", "version"],
-    event: str | None,
-    message_id: str | None,
-    timestamp: datetime | None,
-    late: bool,
-    after: str | None,
-    detail: str | None,
-) -> Cause:
-    set_kind, set_event, set_message_id, set_timestamp, set_late, set_after, set_detail = _CAUSE
-    made = _new(Cause)
-    set_kind(made, kind)
-    set_event(made, event)
-    set_message_id(made, message_id)
-    set_timestamp(made, timestamp)
-    set_late(made, late)
-    set_after(made, after)
-    set_detail(made, detail)
-    return made
-
-
-def new_transitioned(
-    from_stage: str | None,
-    to_stage: str | None,
-    at: datetime,
-    cause: Cause,
-    since: datetime | None,
-) -> Transitioned:
-    set_from_stage, set_to_stage, set_at, set_cause, set_since = _TRANSITIONED
-    made = _new(Transitioned)
-    set_from_stage(made, from_stage)
-    set_to_stage(made, to_stage)
-    set_at(made, at)
-    set_cause(made, cause)
-    set_since(made, since)
-    return made
-
-
-def new_start_timer(stage: str, epoch: int, transition: int, due_at: datetime) -> StartTimer:
-    set_stage, set_epoch, set_transition, set_due_at = _START_TIMER
-    made = _new(StartTimer)
-    set_stage(made, stage)
-    set_epoch(made, epoch)
-    set_transition(made, transition)
-    set_due_at(made, due_at)
-    return made
-
-
-def new_channel_action(action: ChannelActionKind, target: str, key: str) -> ChannelAction:
-    set_action, set_target, set_key = _CHANNEL_ACTION
-    made = _new(ChannelAction)
-    set_action(made, action)
-    set_target(made, target)
-    set_key(made, key)
-    return made
-
-
-def new_reach_goal(message_id: str, at: datetime, value: float | None) -> ReachGoal:
-    set_message_id, set_at, set_value = _REACH_GOAL
-    made = _new(ReachGoal)
-    set_message_id(made, message_id)
-    set_at(made, at)
-    set_value(made, value)
-    return made
-
-
-def new_step(enrollment: Enrollment | None, effects: tuple[Effect, ...]) -> Step:
-    set_enrollment, set_effects = _STEP
-    made = _new(Step)
-    set_enrollment(made, enrollment)
-    set_effects(made, effects)
-    return made
+    def __init__(self, enrollment: Enrollment | None, effects: tuple[Effect, ...] = ()) -> None:
+        self.enrollment = enrollment
+        self.effects = effects

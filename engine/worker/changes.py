@@ -27,14 +27,13 @@ from engine.machine.values import (
     ReachGoal,
     RemoveFromAudience,
     Transitioned,
-    new_enrollment,
 )
 
 EnrollmentKey = tuple[int, str, int]  # lead id, journey id, entry number
 
 
 def enrollment_from_row(row: queries.EnrollmentRow) -> Enrollment:
-    return new_enrollment(
+    return Enrollment(
         row.journey_id,
         row.version,
         row.entry_no,

@@ -23,14 +23,7 @@ from engine.db.database import Database
 from engine.journey.model import Journey
 from engine.kpis.sources import FirstTouch, first_touch
 from engine.machine.book import JourneyBook
-from engine.machine.lead import (
-    LeadEvent,
-    PendingTimer,
-    advance,
-    new_lead,
-    new_lead_event,
-    new_pending_timer,
-)
+from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
 from engine.machine.values import Enrollment
 from engine.metrics import count_worker_batch
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
@@ -204,7 +197,7 @@ class Processor:
                 continue
             lead_events = events_by_lead.get(row.id, [])
             lead_timers = [t for t in timers_by_lead.get(row.id, []) if t.due_at <= until]
-            lead = new_lead(row.traits, row.watermark, runs)
+            lead = Lead(row.traits, row.watermark, runs)
             try:
                 outcome = advance(
                     self.book,
@@ -317,7 +310,7 @@ def _rank(row: queries.EnrollmentRow) -> tuple[bool, int, int]:
 
 def _lead_event(row: queries.EventRow) -> LeadEvent:
     data = row.data
-    return new_lead_event(
+    return LeadEvent(
         row.id,
         row.name,
         row.timestamp,
@@ -329,6 +322,6 @@ def _lead_event(row: queries.EventRow) -> LeadEvent:
 
 
 def _pending_timer(row: queries.DueTimerRow) -> PendingTimer:
-    return new_pending_timer(
+    return PendingTimer(
         row.journey_id, row.entry_no, row.stage, row.epoch, row.transition, row.due_at, row.id
     )

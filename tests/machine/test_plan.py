@@ -1,24 +1,26 @@
-"""The parts of the core's inner loop made once: journey plans, the `where` clauses read
-off the event, and the positional constructors of the core's values."""
+"""The parts of the core's inner loop made once: journey plans and the `where` clauses
+read off the event."""
 
 from __future__ import annotations
 
 import gc
-import inspect
-from collections.abc import Callable
-from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.journey.model import OnEvent
-from engine.machine import lead, plan, values
+from engine.machine import plan
 from engine.machine.plan import CACHED_EPOCHS, condition_of, plan_of
 from engine.machine.step import step
-from engine.machine.values import ChannelAction, Event, StartTimer
+from engine.machine.values import (
+    AddToAudience,
+    ChannelAction,
+    Event,
+    RemoveFromAudience,
+    StartTimer,
+)
 
 from .support import CATALOG, T0, doors, doors_stages, event, journey
 
@@ -169,91 +171,13 @@ def test_where_on_a_mapping_that_is_not_a_dict() -> None:
     assert not test(event("go", properties=Props(v=3)))
 
 
-# --- positional constructors ---------------------------------------------------------------------
-
-SAMPLES: dict[str, Any] = {
-    "journey_id": "j",
-    "version": 3,
-    "entry_no": 2,
-    "stage": "s",
-    "state": "active",
-    "epoch": 4,
-    "entered_at": T0,
-    "stage_entered_at": T0 + timedelta(hours=1),
-    "ended_at": T0 + timedelta(hours=2),
-    "sequences": ("tips",),
-    "name": "page",
-    "timestamp": T0,
-    "message_id": "m1",
-    "properties": {"v": 1},
-    "context": {"c": 2},
-    "traits": {"t": 3},
-    "late": True,
-    "transition": 1,
-    "due_at": T0 + timedelta(days=1),
-    "kind": "event",
-    "event": "page",
-    "after": "2h",
-    "detail": "why",
-    "from_stage": "a",
-    "to_stage": "b",
-    "at": T0,
-    "since": T0 - timedelta(hours=1),
-    "action": "email.send",
-    "target": "hello",
-    "key": "4.0",
-    "value": 12.5,
-    "enrollment": None,
-    "effects": (),
-    "id": 7,
-    "cause": values.Cause("event", event="page"),
-    "effect": values.AddToAudience("fans"),
-    "watermark": T0,
-    "enrollments": {},
-    "lead": lead.Lead({}, None, {}),
-    "changed": (),
-    "fired": (3,),
-    "cancelled": frozenset({("j", 1)}),
-    "timers": (),
-}
-CONSTRUCTORS: list[tuple[type, Callable[..., Any]]] = [
-    (values.Enrollment, values.new_enrollment),
-    (values.Event, values.new_event),
-    (values.TimerFired, values.new_timer_fired),
-    (values.Cause, values.new_cause),
-    (values.Transitioned, values.new_transitioned),
-    (values.StartTimer, values.new_start_timer),
-    (values.ChannelAction, values.new_channel_action),
-    (values.ReachGoal, values.new_reach_goal),
-    (values.Step, values.new_step),
-    (lead.JourneyEffect, lead.new_journey_effect),
-    (lead.PendingTimer, lead.new_pending_timer),
-    (lead.Lead, lead.new_lead),
-    (lead.Outcome, lead.new_outcome),
-]
-
-
-@pytest.mark.parametrize(("cls", "new"), CONSTRUCTORS, ids=lambda c: getattr(c, "__name__", ""))
-def test_positional_constructor_makes_the_same_value(cls: type, new: Callable[..., Any]) -> None:
-    names = [field.name for field in fields(cls)]
-    assert list(inspect.signature(new).parameters) == names  # every field, in order
-    samples = {name: SAMPLES[name] for name in names}
-
-    made, expected = new(*samples.values()), cls(**samples)
-
-    assert type(made) is cls
-    assert made == expected
-    if cls not in (values.Event, lead.Lead, lead.Outcome):  # these hold dicts: unhashable
-        assert hash(made) == hash(expected)
-    assert repr(made) == repr(expected)
-    with pytest.raises(AttributeError):
-        setattr(made, names[0], samples[names[0]])  # as frozen as the class makes it
+# --- effects and stages ------------------------------------------------------------------------
 
 
 def test_effect_values_of_different_kinds_never_compare_equal() -> None:
-    assert values.AddToAudience("fans") != values.RemoveFromAudience("fans")
+    assert AddToAudience("fans") != RemoveFromAudience("fans")
     assert plan_of(DOORS).leaving  # shared instances are still plain values
-    assert all(isinstance(effect, values.RemoveFromAudience) for effect in plan_of(DOORS).leaving)
+    assert all(isinstance(effect, RemoveFromAudience) for effect in plan_of(DOORS).leaving)
 
 
 def test_a_journey_with_a_repeated_stage_id_is_entered_at_its_first_stage() -> None:
