@@ -23,7 +23,8 @@ The leads run in blocks that alternate between the machines, so that both see th
 background load. Moves are counted, and every lead must end in the same stage on both.
 Both run under the garbage collector settings of `cjm serve` and `cjm worker`
 (`engine.runtime.tune_garbage_collector`, applied once everything is loaded), the
-settings the core runs with in production.
+settings the core runs with in production. The core runs as installed: compiled to C
+by mypyc (setup.py), or interpreted where its build was deleted; the table says which.
 
 Run: `.venv/bin/python bench/step.py [--leads N]` (default 100000; about a minute).
 """
@@ -43,6 +44,7 @@ from transitions import EventData, Machine
 
 from engine.journey import load_journeys
 from engine.journey.model import AfterTimeout, Journey, OnEvent, Stage
+from engine.machine import COMPILED
 from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, advance
 from engine.machine.step import step
@@ -346,9 +348,10 @@ def main() -> None:
 
     base = rate(baseline)
     sampled = len(per_lead.stages)
+    core = "compiled" if COMPILED else "interpreted"
     figures = [
         Figure(
-            f"step(), {args.leads:,} leads x 5 inputs",
+            f"step(), {core}, {args.leads:,} leads x 5 inputs",
             rate(stepped),
             "moves/s",
             base,
@@ -380,6 +383,7 @@ def main() -> None:
         ),
     ]
     notes = {
+        "core": core,
         "inputs_per_lead": 5,
         "moves_per_lead": 4,
         "effects_per_lead": {
