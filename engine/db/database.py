@@ -122,6 +122,10 @@ class Database:
 
     def __init__(self, url: str, *, lease_seconds: float = CLAIM_LEASE_S) -> None:
         self.url = url
+        # Write transactions of this process under way or waiting for their turn. On
+        # SQLite, whose one writer makes the others wait, a transaction that finds more
+        # than itself here keeps another waiting (the worker sizes its batches by that).
+        self.writers = 0
         self.dialect = make_url(url).get_backend_name()
         if self.dialect == "sqlite":
             self._writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
@@ -153,8 +157,12 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back on error."""
-        async with self._turn(), self._writer.begin() as connection:
-            yield connection
+        self.writers += 1
+        try:
+            async with self._turn(), self._writer.begin() as connection:
+                yield connection
+        finally:
+            self.writers -= 1
 
     async def write_sql(self, work: Callable[[SqlConnection], Coroutine[Any, Any, T]]) -> T:
         """`work(connection)` as one write transaction, committed when it returns and
@@ -169,11 +177,15 @@ class Database:
         if not self.is_sqlite:
             async with self.write() as connection:
                 return await work(connection)
-        async with self._turn(), self._writer.connect() as connection:
-            # No statement goes through SQLAlchemy, so it begins no transaction of its
-            # own: the transaction is the one `_transaction_in_thread` begins.
-            driver = (await connection.get_raw_connection()).driver_connection
-            return await _in_driver_thread(driver, _transaction_in_thread, work)
+        self.writers += 1
+        try:
+            async with self._turn(), self._writer.connect() as connection:
+                # No statement goes through SQLAlchemy, so it begins no transaction of its
+                # own: the transaction is the one `_transaction_in_thread` begins.
+                driver = (await connection.get_raw_connection()).driver_connection
+                return await _in_driver_thread(driver, _transaction_in_thread, work)
+        finally:
+            self.writers -= 1
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:

@@ -88,7 +88,7 @@ class Worker:
                 log.exception("event processing failed; retrying")
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
-            if processed >= self.processor.batch_leads:
+            if processed and self.processor.last_batch_full:
                 continue  # a full batch: more is waiting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)

@@ -9,6 +9,7 @@ events marked processed. A crash anywhere leaves all of it or none of it.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +27,14 @@ from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
 from engine.machine.values import Enrollment
 from engine.metrics import count_worker_batch
+from engine.worker.batching import BatchSize
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
 from engine.worker.merge import merge_leads
 
 log = logging.getLogger("cjm.worker")
 
-Claim = Callable[[AsyncConnection, datetime], Awaitable[list[int]]]
+# Claims up to the given number of leads, as of the given time.
+Claim = Callable[[AsyncConnection, datetime, int], Awaitable[list[int]]]
 
 # A lead whose processing raised (a bug, not bad luck: the core is deterministic) has
 # its due timers put back by this much, so it cannot spin the worker.
@@ -62,16 +65,29 @@ class Processor:
         book: JourneyBook,
         clock: Clock,
         *,
-        batch_leads: int = 500,
+        batch_leads: int | None = None,
         batch_events: int = 20_000,
         event_hooks: Sequence[EventHook] = (),
     ) -> None:
+        """`batch_leads`: claim this many leads per batch, instead of sizing batches by
+        their duration (engine/worker/batching.py)."""
         self.db = db
         self.event_hooks = tuple(event_hooks)
         self.book = book
         self.clock = clock
-        self.batch_leads = batch_leads
         self.batch_events = batch_events
+
+        def size() -> BatchSize:
+            if batch_leads is None:
+                return BatchSize()
+            return BatchSize(smallest=batch_leads, first=batch_leads, largest=batch_leads)
+
+        # Sized apart: a lead's pending events cost far more than a due timer.
+        self.event_batches = size()
+        self.timer_batches = size()
+        self.version_batches = size()
+        # Whether the last batch claimed as many leads as it could: more may be waiting.
+        self.last_batch_full = False
 
     async def process_events(self) -> int:
         """One batch of leads with pending events; how many leads were taken forward."""
@@ -80,7 +96,8 @@ class Processor:
             if not await queries.any_pending_events(connection):
                 return 0
         return await self._process(
-            lambda connection, _: queries.claim_leads_with_events(connection, self.batch_leads)
+            lambda connection, _, limit: queries.claim_leads_with_events(connection, limit),
+            self.event_batches,
         )
 
     async def process_due_timers(self) -> int:
@@ -88,9 +105,10 @@ class Processor:
             if not await queries.any_due_timers(connection, self.clock.now()):
                 return 0
         return await self._process(
-            lambda connection, now: queries.claim_leads_with_due_timers(
-                connection, now, self.batch_leads
-            )
+            lambda connection, now, limit: queries.claim_leads_with_due_timers(
+                connection, now, limit
+            ),
+            self.timer_batches,
         )
 
     async def process_old_versions(self) -> int:
@@ -101,25 +119,33 @@ class Processor:
                 continue
 
             async def claim(
-                connection: AsyncConnection, _: datetime, journey: Journey = journey
+                connection: AsyncConnection, _: datetime, limit: int, journey: Journey = journey
             ) -> list[int]:
                 stages = [stage.id for stage in journey.stages]
                 return await queries.claim_leads_on_old_versions(
-                    connection, journey.id, journey.version, stages, self.batch_leads
+                    connection, journey.id, journey.version, stages, limit
                 )
 
-            done += await self._process(claim)
+            done += await self._process(claim, self.version_batches)
         return done
 
-    async def _process(self, claim: Claim) -> int:
+    async def _process(self, claim: Claim, size: BatchSize) -> int:
         now = self.clock.now()
         tally = Tally()
+        limit = size.leads
         async with self.db.write() as connection:
-            lead_ids = await claim(connection, now)
+            # From the writer's turn on, not from asking for it: the time others wait.
+            started = time.perf_counter()
+            lead_ids = await claim(connection, now, limit)
+            self.last_batch_full = len(lead_ids) >= limit
             if not lead_ids:
                 return 0
+            claimed = len(lead_ids)
             lead_ids = await self._merge(connection, lead_ids, now)
             done = await self._run(connection, lead_ids, now, tally)
+            # Only SQLite's writers wait for one another: PostgreSQL's workers claim apart.
+            others_waited = self.db.is_sqlite and self.db.writers > 1
+        size.observe(claimed, time.perf_counter() - started, others_waited=others_waited)
         count_worker_batch(tally.transitions, tally.timer_lags)
         return done
 

@@ -1,0 +1,161 @@
+"""The worker's batches sized by their duration: short while other writers wait."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.db import queries
+from engine.db.database import Database
+from engine.worker.batching import BatchSize
+from engine.worker.processor import Processor
+from tests.worker.conftest import Engine
+
+CATALOG = {"path": "/catalog/steel"}
+
+
+# --- the size, from the batches it is told of ----------------------------------------------------
+
+
+def test_a_batch_slower_than_the_target_shrinks_the_next() -> None:
+    size = BatchSize(first=400, contended_target_s=0.01)
+    # 400 leads in 40 ms while others waited: 100 would have fit in 10 ms.
+    size.observe(400, 0.04, others_waited=True)
+    assert size.leads == 200  # half way, geometrically: sqrt(400 * 100)
+    size.observe(200, 0.02, others_waited=True)
+    assert size.leads == 141  # sqrt(200 * 100)
+
+
+def test_a_batch_alone_grows_toward_the_longer_target() -> None:
+    size = BatchSize(first=200, alone_target_s=0.2)
+    # 200 leads in 10 ms with nobody waiting: 4,000 would fit in 200 ms.
+    size.observe(200, 0.01, others_waited=False)
+    assert size.leads == round((200 * 4_000) ** 0.5)
+
+
+def test_the_same_batch_is_judged_by_whether_others_waited() -> None:
+    waited, alone = BatchSize(first=300), BatchSize(first=300)
+    waited.observe(300, 0.05, others_waited=True)
+    alone.observe(300, 0.05, others_waited=False)
+    assert waited.leads < 300 < alone.leads
+
+
+def test_the_size_stays_within_its_bounds() -> None:
+    size = BatchSize(smallest=20, first=100, largest=1_000)
+    for _ in range(20):
+        size.observe(size.leads, 5.0, others_waited=True)
+    assert size.leads == 20
+    for _ in range(20):
+        size.observe(size.leads, 0.0001, others_waited=False)
+    assert size.leads == 1_000
+
+
+def test_a_batch_less_than_half_full_teaches_nothing() -> None:
+    size = BatchSize(first=400)
+    # Ten leads that happened to be waiting, mostly the batch's fixed costs.
+    size.observe(10, 0.05, others_waited=True)
+    assert size.leads == 400
+    size.observe(400, 0, others_waited=True)  # no time measured: nothing to learn
+    assert size.leads == 400
+
+
+def test_bounds_out_of_order_are_refused() -> None:
+    with pytest.raises(ValueError, match="smallest <= first <= largest"):
+        BatchSize(smallest=500, first=200, largest=1_000)
+
+
+def test_a_fixed_batch_size_never_moves() -> None:
+    size = BatchSize(smallest=3, first=3, largest=3)
+    size.observe(3, 10.0, others_waited=True)
+    size.observe(3, 0.0001, others_waited=False)
+    assert size.leads == 3
+
+
+# --- the worker's batches ------------------------------------------------------------------------
+
+
+class RecordedSize(BatchSize):
+    def __init__(self, leads: int) -> None:
+        super().__init__(smallest=leads, first=leads, largest=leads)
+        self.seen: list[tuple[int, bool]] = []
+
+    def observe(self, leads: int, seconds: float, *, others_waited: bool) -> None:
+        assert seconds > 0
+        self.seen.append((leads, others_waited))
+        super().observe(leads, seconds, others_waited=others_waited)
+
+
+async def _send_leads(engine: Engine, count: int) -> None:
+    for number in range(count):
+        await engine.send("page", anonymousId=f"a{number}", properties=CATALOG)
+
+
+async def test_batches_claim_the_size_and_say_whether_they_were_full(engine: Engine) -> None:
+    await _send_leads(engine, 5)
+    processor = Processor(engine.runtime.db, engine.runtime.book, engine.clock, batch_leads=2)
+    sizes = RecordedSize(2)
+    processor.event_batches = sizes
+
+    assert await processor.process_events() == 2
+    assert processor.last_batch_full
+    assert await processor.process_events() == 2
+    assert await processor.process_events() == 1
+    assert not processor.last_batch_full
+    assert await processor.process_events() == 0
+    assert [leads for leads, _ in sizes.seen] == [2, 2, 1]
+    assert await engine.pending_events() == 0
+
+
+async def test_a_batch_that_keeps_another_writer_waiting_knows_it(engine: Engine) -> None:
+    """On SQLite another write waits for the batch to commit, and the batch is told so;
+    on PostgreSQL writers do not wait for one another, so no batch is ever contended."""
+    db = engine.runtime.db
+    waiting: list[asyncio.Task[None]] = []
+
+    async def other_write() -> None:
+        async with db.write() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+
+    async def start_another_writer(
+        _connection: AsyncConnection, _events: Sequence[queries.EventRow], _now: datetime
+    ) -> None:
+        # Inside the batch's transaction: a second writer asks for its turn.
+        if not waiting:
+            waiting.append(asyncio.create_task(other_write()))
+            await asyncio.sleep(0)  # the task runs up to its wait for the writer
+            assert db.writers == 2
+
+    await _send_leads(engine, 3)
+    processor = Processor(db, engine.runtime.book, engine.clock, event_hooks=[start_another_writer])
+    sizes = RecordedSize(2)
+    processor.event_batches = sizes
+    await processor.process_events()
+    await asyncio.gather(*waiting)
+    await processor.process_events()  # the last lead, nobody else writing
+
+    assert sizes.seen == [(2, db.is_sqlite), (1, False)]
+    assert db.writers == 0
+
+
+async def test_the_writers_gauge_comes_back_after_a_failed_transaction(
+    database_url: str,
+) -> None:
+    db = Database(database_url)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            async with db.write():
+                assert db.writers == 1
+                raise RuntimeError("boom")
+
+        async def fail(_connection: object) -> None:
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            await db.write_sql(fail)
+        assert db.writers == 0
+    finally:
+        await db.close()
