@@ -23,6 +23,19 @@ ALONE_TARGET_S = 0.25
 SMALLEST = 20
 LARGEST = 5_000
 FIRST = 200
+# PostgreSQL's workers never wait for one another's batches, and there a batch's fixed
+# costs are high: measured (bench/scaleout.py), batches sized to 50 ms tripled the
+# workers' CPU per event, and so did four workers on two cores, whose batches run long
+# because the cores are shared, sizing themselves down. There batches never go below
+# a thousand leads.
+POSTGRES_SMALLEST = 1_000
+
+
+def for_database(is_sqlite: bool) -> BatchSize:
+    """The worker's sizing on SQLite or on PostgreSQL."""
+    if is_sqlite:
+        return BatchSize()
+    return BatchSize(smallest=POSTGRES_SMALLEST, first=POSTGRES_SMALLEST)
 
 
 class BatchSize:

@@ -27,7 +27,7 @@ from engine.machine.book import JourneyBook
 from engine.machine.lead import Lead, LeadEvent, PendingTimer, advance
 from engine.machine.values import Enrollment
 from engine.metrics import count_worker_batch
-from engine.worker.batching import BatchSize
+from engine.worker.batching import BatchSize, for_database
 from engine.worker.changes import Changes, EnrollmentKey, enrollment_from_row
 from engine.worker.merge import merge_leads
 
@@ -79,7 +79,7 @@ class Processor:
 
         def size() -> BatchSize:
             if batch_leads is None:
-                return BatchSize()
+                return for_database(db.is_sqlite)
             return BatchSize(smallest=batch_leads, first=batch_leads, largest=batch_leads)
 
         # Sized apart: a lead's pending events cost far more than a due timer.

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
 from engine.db.database import Database
-from engine.worker.batching import BatchSize
+from engine.worker.batching import POSTGRES_SMALLEST, BatchSize, for_database
 from engine.worker.processor import Processor
 from tests.worker.conftest import Engine
 
@@ -73,6 +73,16 @@ def test_a_fixed_batch_size_never_moves() -> None:
     size.observe(3, 10.0, others_waited=True)
     size.observe(3, 0.0001, others_waited=False)
     assert size.leads == 3
+
+
+def test_postgres_batches_stay_large_where_sqlite_ones_shrink() -> None:
+    postgres, sqlite = for_database(is_sqlite=False), for_database(is_sqlite=True)
+    assert postgres.leads >= POSTGRES_SMALLEST > sqlite.leads
+    for _ in range(10):
+        postgres.observe(postgres.leads, 10.0, others_waited=False)
+        sqlite.observe(sqlite.leads, 10.0, others_waited=True)
+    assert postgres.leads == POSTGRES_SMALLEST
+    assert sqlite.leads < 50
 
 
 # --- the worker's batches ------------------------------------------------------------------------
