@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
-# While others wait: a few leads' worth of fixed costs, and a wait behind a batch that a
-# tracking call hardly notices. Alone: the fixed costs of a batch negligible.
+# While others wait: a wait behind a batch that a tracking call hardly notices. Alone:
+# a batch's fixed costs small beside its leads, while a call that arrives during it
+# waits about a tenth of a second, and the batches after it shrink toward 10 ms.
 CONTENDED_TARGET_S = 0.01
-ALONE_TARGET_S = 0.25
+ALONE_TARGET_S = 0.1
 SMALLEST = 20
 LARGEST = 5_000
 FIRST = 200
@@ -27,15 +28,18 @@ FIRST = 200
 # costs are high: measured (bench/scaleout.py), batches sized to 50 ms tripled the
 # workers' CPU per event, and so did four workers on two cores, whose batches run long
 # because the cores are shared, sizing themselves down. There batches never go below
-# a thousand leads.
+# a thousand leads, and run up to a quarter of a second: nobody waits for them.
 POSTGRES_SMALLEST = 1_000
+POSTGRES_TARGET_S = 0.25
 
 
 def for_database(is_sqlite: bool) -> BatchSize:
     """The worker's sizing on SQLite or on PostgreSQL."""
     if is_sqlite:
         return BatchSize()
-    return BatchSize(smallest=POSTGRES_SMALLEST, first=POSTGRES_SMALLEST)
+    return BatchSize(
+        smallest=POSTGRES_SMALLEST, first=POSTGRES_SMALLEST, alone_target_s=POSTGRES_TARGET_S
+    )
 
 
 class BatchSize:
