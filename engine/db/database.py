@@ -157,12 +157,8 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction: committed when the block ends, rolled back on error."""
-        self.writers += 1
-        try:
-            async with self._turn(), self._writer.begin() as connection:
-                yield connection
-        finally:
-            self.writers -= 1
+        async with self._counted_turn(), self._writer.begin() as connection:
+            yield connection
 
     async def write_sql(self, work: Callable[[SqlConnection], Coroutine[Any, Any, T]]) -> T:
         """`work(connection)` as one write transaction, committed when it returns and
@@ -177,13 +173,19 @@ class Database:
         if not self.is_sqlite:
             async with self.write() as connection:
                 return await work(connection)
+        async with self._counted_turn(), self._writer.connect() as connection:
+            # No statement goes through SQLAlchemy, so it begins no transaction of its
+            # own: the transaction is the one `_transaction_in_thread` begins.
+            driver = (await connection.get_raw_connection()).driver_connection
+            return await _in_driver_thread(driver, _transaction_in_thread, work)
+
+    @asynccontextmanager
+    async def _counted_turn(self) -> AsyncIterator[None]:
+        """The writer's turn, counted in `writers` from asking for it until it ends."""
         self.writers += 1
         try:
-            async with self._turn(), self._writer.connect() as connection:
-                # No statement goes through SQLAlchemy, so it begins no transaction of its
-                # own: the transaction is the one `_transaction_in_thread` begins.
-                driver = (await connection.get_raw_connection()).driver_connection
-                return await _in_driver_thread(driver, _transaction_in_thread, work)
+            async with self._turn():
+                yield
         finally:
             self.writers -= 1
 

@@ -137,10 +137,10 @@ class Processor:
             # From the writer's turn on, not from asking for it: the time others wait.
             started = time.perf_counter()
             lead_ids = await claim(connection, now, limit)
-            self.last_batch_full = len(lead_ids) >= limit
-            if not lead_ids:
-                return 0
             claimed = len(lead_ids)
+            self.last_batch_full = claimed >= limit
+            if not claimed:
+                return 0
             lead_ids = await self._merge(connection, lead_ids, now)
             done = await self._run(connection, lead_ids, now, tally)
             # Only SQLite's writers wait for one another: PostgreSQL's workers claim apart.
