@@ -271,22 +271,38 @@ async def rows_for_ids(
     return rows
 
 
-# Rows of one multi-row INSERT: a few parameters each, well within both databases'
-# bounds on the parameters of a statement.
+# Rows of one multi-row INSERT on SQLite: a few parameters each, well within its bound
+# on the parameters of a statement.
 ROWS_PER_INSERT = 1_000
 
 
 async def insert_returning(
-    connection: SqlConnection, statement: str, row: str, rows: Sequence[tuple[Any, ...]]
+    connection: SqlConnection,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Sequence[tuple[Any, ...]],
+    suffix: str,
 ) -> list[tuple[Any, ...]]:
-    """Insert `rows` as multi-row INSERTs: `statement`'s `{values}` is the VALUES list,
-    a `row` (`?` placeholders) for each, and it ends with a RETURNING; the rows returned,
-    in no promised order. One statement per ROWS_PER_INSERT rows, where an executemany
-    with RETURNING would take one per row."""
+    """`insert_rows` with a `suffix` that ends in RETURNING: the rows returned, in no
+    promised order.
+
+    On PostgreSQL one statement takes the columns as arrays, as `insert_rows` does: the
+    same text whatever the count, so prepared once, where a VALUES list of the group's
+    length was parsed and planned anew for each group. On SQLite, multi-row INSERTs of
+    ROWS_PER_INSERT rows, where an executemany with RETURNING would take one per row.
+    """
+    if not rows:
+        return []
+    if connection.dialect.name == "postgresql":
+        statement = _insert_statement("postgresql", table, columns, suffix)
+        columns_of_rows = tuple(list(column) for column in zip(*rows, strict=True))
+        return list((await connection.exec_driver_sql(statement, columns_of_rows)).fetchall())
     returned: list[tuple[Any, ...]] = []
+    row = f"({','.join('?' * len(columns))})"
     for part in chunks(rows, ROWS_PER_INSERT):
+        statement = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
         result = await connection.exec_driver_sql(
-            driver_sql(connection, statement.format(values=", ".join([row] * len(part)))),
+            statement + ", ".join([row] * len(part)) + suffix,
             tuple(value for values in part for value in values),
         )
         returned.extend(result.fetchall())

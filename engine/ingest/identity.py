@@ -29,9 +29,6 @@ USER = "user"
 ANON = "anon"
 Key = tuple[str, str]  # (USER | ANON, the id)
 
-# Each retry means another process mapped one of our ids between our read and our write.
-ATTEMPTS = 5
-
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -42,7 +39,8 @@ class Route:
 
 
 class IdentityRace(RuntimeError):
-    """Other processes kept mapping this group's ids first; the group is retried by its callers."""
+    """An id of this group could not be mapped (another process mapped it, then it was
+    erased); the group is refused, and retried by its callers."""
 
 
 @dataclass
@@ -154,13 +152,20 @@ async def resolve_leads(
 ) -> list[Route]:
     """The route of each message, with new leads and identities written (not committed).
 
-    On PostgreSQL another API process may map one of the same ids between our read and
-    our write: then our inserts are rolled back to a savepoint and the group is planned
-    again against the ids as they are now.
+    On PostgreSQL other API processes may map some of the same ids between our read and
+    our write. Our insert of such an id waits for their commit and skips it; then our
+    inserts are rolled back to a savepoint and the group is planned again against the
+    ids as they are now, which include every id that was taken from us. Each round
+    thus learns at least one id for good, so the rounds end, however many processes
+    keep mapping ids of the group: a fixed number of rounds gave up under that load.
     """
     keys = {key for message in messages for key in keys_of(message)}
-    for _ in range(ATTEMPTS):
+    taken: set[Key] = set()
+    while True:
         known = await select_known_identities(connection, keys)
+        if not taken <= known.keys():
+            # Mapped by another process and gone since: only an erasure deletes ids.
+            raise IdentityRace("ids of this group were mapped and then erased meanwhile")
         identified = await select_identified_leads(
             connection, {lead for (kind, _), lead in known.items() if kind == ANON}
         )
@@ -170,7 +175,8 @@ async def resolve_leads(
         savepoint = await _savepoint(connection)
         lead_ids = await insert_leads(connection, plan.new_leads, now)
         mapped = {key: _real(lead, lead_ids) for key, lead in plan.new_identities.items()}
-        if await insert_identities(connection, mapped, now):
+        taken = await insert_identities(connection, mapped, now)
+        if not taken:
             if savepoint is not None:
                 await savepoint.commit()
             return [
@@ -181,9 +187,8 @@ async def resolve_leads(
                 for route in plan.routes
             ]
         if savepoint is None:
-            break
+            raise IdentityRace("ids of this group were mapped by another writer of SQLite")
         await savepoint.rollback()
-    raise IdentityRace(f"ids of this group kept being mapped by other processes ({ATTEMPTS} tries)")
 
 
 async def _savepoint(connection: SqlConnection) -> AsyncTransaction | None:
@@ -251,22 +256,23 @@ async def _select_identities(
     )
 
 
+LEAD_COLUMNS = ("created_at", "updated_at", "traits")
+IDENTITY_COLUMNS = ("kind", "value", "lead_id", "created_at")
+
+
 async def insert_leads(connection: SqlConnection, count: int, now: datetime) -> list[int]:
     """`count` new, empty leads; their ids (in no particular order: the rows are alike)."""
     at = micros(now)
     rows = await insert_returning(
-        connection,
-        f"INSERT INTO {leads.name} (created_at, updated_at, traits) VALUES {{values}} RETURNING id",
-        "(?, ?, '{}')",
-        [(at, at)] * count,
+        connection, leads, LEAD_COLUMNS, [(at, at, "{}")] * count, " RETURNING id"
     )
     return [lead_id for (lead_id,) in rows]
 
 
 async def insert_identities(
     connection: SqlConnection, mapped: Mapping[Key, int], now: datetime
-) -> bool:
-    """Map each id to its lead; False when another process mapped one of them first.
+) -> set[Key]:
+    """Map each id to its lead; the ids another process mapped first (not written).
 
     Rows go in key order so that two processes inserting overlapping ids take their
     locks in the same order and wait for each other instead of deadlocking.
@@ -275,9 +281,9 @@ async def insert_identities(
     rows = [(kind, value, lead_id, at) for (kind, value), lead_id in sorted(mapped.items())]
     inserted = await insert_returning(
         connection,
-        f"INSERT INTO {identities.name} (kind, value, lead_id, created_at) VALUES {{values}}"
-        " ON CONFLICT (kind, value) DO NOTHING RETURNING kind",
-        "(?, ?, ?, ?)",
+        identities,
+        IDENTITY_COLUMNS,
         rows,
+        " ON CONFLICT (kind, value) DO NOTHING RETURNING kind, value",
     )
-    return len(inserted) == len(rows)
+    return mapped.keys() - {(kind, value) for kind, value in inserted}

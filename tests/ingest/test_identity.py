@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
@@ -201,3 +203,52 @@ async def test_an_id_mapped_by_another_process_meanwhile_is_replanned_to_its_lea
     assert routes == [Route(winner)]
     assert len(reads) == 2
     assert await lead_count(db) == 1
+
+
+async def test_processes_ingesting_the_same_new_ids_at_once_map_each_to_one_lead(
+    database_url: str, db: Database
+) -> None:
+    """Four API processes (a database handle each, so connections of their own) store
+    groups of new ids drawn from one pool at the same time: each id ends mapped to one
+    lead, every message routed to it, and no lead is left without an id."""
+    processes, groups, group_size, pool = 4, 12, 300, 2_000
+    handles = [Database(database_url) for _ in range(processes)]
+    inboxes = [Inbox(handle, ManualClock(NOW)) for handle in handles]
+    rng = random.Random(6)
+    sent = [
+        [
+            [
+                call("page", f"p{p}-g{g}-m{m}", anonymousId=f"a{rng.randrange(pool)}")
+                for m in range(group_size)
+            ]
+            for g in range(groups)
+        ]
+        for p in range(processes)
+    ]
+
+    async def stream(inbox: Inbox, its_groups: list[list[Message]]) -> None:
+        for group in its_groups:
+            await inbox.accept(group)
+
+    try:
+        for inbox in inboxes:
+            await inbox.start()
+        await asyncio.gather(
+            *(stream(inbox, its) for inbox, its in zip(inboxes, sent, strict=True))
+        )
+    finally:
+        for inbox in inboxes:
+            await inbox.stop()
+        for handle in handles:
+            await handle.close()
+    async with db.read() as connection:
+        mapped = dict(
+            (await connection.execute(select(identities.c.value, identities.c.lead_id))).all()
+        )
+        routed = (await connection.execute(select(events.c.anonymous_id, events.c.lead_id))).all()
+        lead_ids = set((await connection.execute(select(leads.c.id))).scalars())
+    ids = {m.anonymous_id for its in sent for group in its for m in group}
+    assert set(mapped) == ids
+    assert len(routed) == processes * groups * group_size
+    assert all(lead == mapped[anon] for anon, lead in routed)
+    assert lead_ids == set(mapped.values())
