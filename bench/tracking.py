@@ -12,7 +12,9 @@ Each figure is put beside a baseline measured in the same run:
    INSERTs of as many rows of the same shape into the same file's `events` table
    (stdlib sqlite3 with cjm's pragmas, 500 rows per transaction, the rows built
    before the clock starts). Target: at least 0.3 of raw. `--postgres` repeats it
-   on PostgreSQL, raw rows through asyncpg's executemany.
+   on PostgreSQL as README.md deploys cjm there: the API as `cjm serve --no-worker`
+   and a `cjm worker` beside it, applying the events while they arrive (on this
+   machine's cores too); raw rows through asyncpg's executemany.
 
 The client is a keep-alive HTTP/1.1 client on asyncio streams, one request in flight
 per connection, in this process while each server has its own: httpx would spend
@@ -298,11 +300,48 @@ def cjm_load(
     body_of: Callable[[int], bytes],
     connections: int,
     seconds: float,
+    *serve_options: str,
 ) -> Load:
     port = free_port()
-    command = [str(BIN / "cjm"), "serve"]
+    command = [str(BIN / "cjm"), "serve", *serve_options]
     with serving("cjm", command, port, workdir, cjm_env(database_url, port)) as pid:
         return uvloop.run(drive(port, pid, path, body_of, connections, seconds))
+
+
+@contextmanager
+def worker_alongside(database_url: str, workdir: Path) -> Iterator[None]:
+    """A `cjm worker` on the database for as long as the block runs."""
+    log = workdir / "worker.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(BIN / "cjm"), "worker"],
+            cwd=workdir,
+            env=cjm_env(database_url, 0),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield
+        if process.poll() is not None:
+            raise RuntimeError(f"cjm worker stopped:\n{log.read_text()[-2000:]}")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def applied_events(url: str) -> int:
+    connection = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        count: int = await connection.fetchval(
+            "SELECT count(*) FROM events WHERE processed_at IS NOT NULL"
+        )
+    finally:
+        await connection.close()
+    return count
 
 
 def bare_load(workdir: Path, connections: int, seconds: float) -> Load:
@@ -427,10 +466,24 @@ def batch_postgres(server: str, workdir: Path, seconds: float, notes: dict[str, 
         )
         if upgraded.returncode:
             raise RuntimeError(f"cjm db upgrade failed:\n{upgraded.stderr[-2000:]}")
-        cjm = cjm_load(url, workdir, "/v1/batch", batch_bodies(4), BATCH_CONNECTIONS, seconds)
-        notes["batch_postgres"] = {"connections": BATCH_CONNECTIONS, "cjm": spent(cjm)}
+        with worker_alongside(url, workdir):
+            cjm = cjm_load(
+                url,
+                workdir,
+                "/v1/batch",
+                batch_bodies(4),
+                BATCH_CONNECTIONS,
+                seconds,
+                "--no-worker",
+            )
+        notes["batch_postgres"] = {
+            "connections": BATCH_CONNECTIONS,
+            "cjm": spent(cjm),
+            # Applied by the worker while the API stored them: it was not idle.
+            "events_applied_meanwhile": asyncio.run(applied_events(url)),
+        }
         raw_seconds = asyncio.run(raw_postgres(url, event_rows(cjm.accepted, 5)))
-    return batch_figure("PostgreSQL", cjm, raw_seconds)
+    return batch_figure("PostgreSQL, worker apart", cjm, raw_seconds)
 
 
 def main() -> None:
