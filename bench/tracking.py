@@ -12,8 +12,9 @@ Each figure is put beside a baseline measured in the same run:
    INSERTs of as many rows of the same shape into the same file's `events` table
    (stdlib sqlite3 with cjm's pragmas, 500 rows per transaction, the rows built
    before the clock starts). Target: at least 0.3 of raw. `--postgres` repeats it
-   on PostgreSQL as README.md deploys cjm there: the API as `cjm serve --no-worker`
-   and a `cjm worker` beside it, applying the events while they arrive (on this
+   on PostgreSQL as README.md deploys cjm there: the API as `cjm serve --no-worker`,
+   one process and then two (the calls spread over them as a load balancer would),
+   and a `cjm worker` beside them applying the events while they arrive (on this
    machine's cores too); raw rows through asyncpg's executemany.
 
 The client is a keep-alive HTTP/1.1 client on asyncio streams, one request in flight
@@ -40,8 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,8 @@ AUTHORIZATION = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 WARMUP_S = 2.0
 BATCH = 500
 BATCH_CONNECTIONS = 4
+# `cjm serve --no-worker` processes taking /v1/batch on PostgreSQL, one run each.
+API_PROCESSES = (1, 2)
 # Drawn at random, so in a short run most calls come from a user cjm has not seen yet:
 # the dearer path, where ingestion creates the lead and its identity.
 USERS = 100_000
@@ -147,8 +150,8 @@ class Load:
     accepted: int  # messages: one per track call, a batch's `accepted`
     latencies: list[float]  # seconds, of the answers counted
     client_cpu: float  # share of one core used by this process
-    server_cpu: float  # cores used by the server process, all threads
-    server_peak_mib: float
+    server_cpu: float  # cores used by the server processes, all threads
+    server_peak_mib: float  # of the largest server process
 
     @property
     def rate(self) -> float:
@@ -173,21 +176,21 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def drive(
-    port: int,
-    pid: int,
+    servers: Sequence[tuple[int, int]],
     path: str,
     body_of: Callable[[int], bytes],
     connections: int,
     seconds: float,
 ) -> Load:
-    """Keep `connections` requests in flight for a warm-up and `seconds` more."""
+    """Keep `connections` requests in flight for a warm-up and `seconds` more, spread
+    evenly over `servers` (port, pid), as a load balancer would."""
     measure_from = time.perf_counter() + WARMUP_S
     until = measure_from + seconds
     numbers = itertools.count()
     latencies: list[float] = []
     accepted = 0
 
-    async def connection() -> None:
+    async def connection(port: int) -> None:
         nonlocal accepted
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
@@ -213,20 +216,26 @@ async def drive(
 
     # A server that stops answering fails the run instead of hanging it.
     async with asyncio.timeout(WARMUP_S + seconds + 60), asyncio.TaskGroup() as group:
-        for _ in range(connections):
-            group.create_task(connection())
+        for number in range(connections):
+            group.create_task(connection(servers[number % len(servers)][0]))
+        pids = [pid for _, pid in servers]
         await asyncio.sleep(measure_from - time.perf_counter())
-        client_from, server_from = time.process_time(), _cpu_seconds(pid)
+        client_from, server_from = time.process_time(), _cpu_seconds(pids)
         await asyncio.sleep(until - time.perf_counter())
         client_cpu = (time.process_time() - client_from) / seconds
-        server_cpu = (_cpu_seconds(pid) - server_from) / seconds
-    return Load(seconds, accepted, latencies, client_cpu, server_cpu, _peak_mib(pid))
+        server_cpu = (_cpu_seconds(pids) - server_from) / seconds
+    peak = max(_peak_mib(pid) for pid in pids)
+    return Load(seconds, accepted, latencies, client_cpu, server_cpu, peak)
 
 
-def _cpu_seconds(pid: int) -> float:
-    # utime and stime, the 14th and 15th fields, counted after the parenthesised name.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds the processes used, all their threads."""
+    ticks = 0
+    for pid in pids:
+        # utime and stime, the 14th and 15th fields, counted after the parenthesised name.
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_mib(pid: int) -> float:
@@ -301,11 +310,19 @@ def cjm_load(
     connections: int,
     seconds: float,
     *serve_options: str,
+    processes: int = 1,
 ) -> Load:
-    port = free_port()
-    command = [str(BIN / "cjm"), "serve", *serve_options]
-    with serving("cjm", command, port, workdir, cjm_env(database_url, port)) as pid:
-        return uvloop.run(drive(port, pid, path, body_of, connections, seconds))
+    """The load on `processes` `cjm serve` processes of one database, each on a port."""
+    with ExitStack() as stack:
+        servers = []
+        for number in range(processes):
+            port = free_port()
+            command = [str(BIN / "cjm"), "serve", *serve_options]
+            env = cjm_env(database_url, port)
+            servers.append(
+                (port, stack.enter_context(serving(f"cjm{number}", command, port, workdir, env)))
+            )
+        return uvloop.run(drive(servers, path, body_of, connections, seconds))
 
 
 @contextmanager
@@ -348,7 +365,7 @@ def bare_load(workdir: Path, connections: int, seconds: float) -> Load:
     port = free_port()
     command = [sys.executable, str(ROOT / "bench" / "bare_app.py"), str(port)]
     with serving("bare", command, port, workdir, dict(os.environ)) as pid:
-        return uvloop.run(drive(port, pid, "/v1/track", track_bodies(1), connections, seconds))
+        return uvloop.run(drive([(port, pid)], "/v1/track", track_bodies(1), connections, seconds))
 
 
 # --- the raw inserts -----------------------------------------------------------------------------
@@ -456,34 +473,45 @@ def batch_sqlite(workdir: Path, seconds: float, notes: dict[str, Any]) -> Figure
     return batch_figure("SQLite", cjm, raw_sqlite(path, event_rows(cjm.accepted, 3)))
 
 
-def batch_postgres(server: str, workdir: Path, seconds: float, notes: dict[str, Any]) -> Figure:
-    with scratch_postgres(server, "cjm_bench_tracking") as url:
-        upgraded = subprocess.run(
-            [str(BIN / "cjm"), "db", "upgrade"],
-            env=cjm_env(url, 0),
-            capture_output=True,
-            text=True,
-        )
-        if upgraded.returncode:
-            raise RuntimeError(f"cjm db upgrade failed:\n{upgraded.stderr[-2000:]}")
-        with worker_alongside(url, workdir):
-            cjm = cjm_load(
-                url,
-                workdir,
-                "/v1/batch",
-                batch_bodies(4),
-                BATCH_CONNECTIONS,
-                seconds,
-                "--no-worker",
+def batch_postgres(
+    server: str, workdir: Path, seconds: float, notes: dict[str, Any]
+) -> list[Figure]:
+    """/v1/batch on PostgreSQL with one API process, then with two behind the client's
+    round robin (as behind a load balancer), each time with a worker beside them and
+    on a fresh database. The two processes' calls name the same users, new ones
+    mostly: their groups race to create the same leads."""
+    figures = []
+    for processes in API_PROCESSES:
+        with scratch_postgres(server, f"cjm_bench_tracking_{processes}") as url:
+            upgraded = subprocess.run(
+                [str(BIN / "cjm"), "db", "upgrade"],
+                env=cjm_env(url, 0),
+                capture_output=True,
+                text=True,
             )
-        notes["batch_postgres"] = {
-            "connections": BATCH_CONNECTIONS,
-            "cjm": spent(cjm),
-            # Applied by the worker while the API stored them: it was not idle.
-            "events_applied_meanwhile": asyncio.run(applied_events(url)),
-        }
-        raw_seconds = asyncio.run(raw_postgres(url, event_rows(cjm.accepted, 5)))
-    return batch_figure("PostgreSQL, worker apart", cjm, raw_seconds)
+            if upgraded.returncode:
+                raise RuntimeError(f"cjm db upgrade failed:\n{upgraded.stderr[-2000:]}")
+            with worker_alongside(url, workdir):
+                cjm = cjm_load(
+                    url,
+                    workdir,
+                    "/v1/batch",
+                    batch_bodies(4),
+                    BATCH_CONNECTIONS,
+                    seconds,
+                    "--no-worker",
+                    processes=processes,
+                )
+            notes[f"batch_postgres_{processes}_api"] = {
+                "connections": BATCH_CONNECTIONS,
+                "cjm": spent(cjm),
+                # Applied by the worker while the API stored them: it was not idle.
+                "events_applied_meanwhile": asyncio.run(applied_events(url)),
+            }
+            raw_seconds = asyncio.run(raw_postgres(url, event_rows(cjm.accepted, 5)))
+        apis = "1 API" if processes == 1 else f"{processes} APIs"
+        figures.append(batch_figure(f"PostgreSQL, {apis} + worker", cjm, raw_seconds))
+    return figures
 
 
 def main() -> None:
@@ -504,7 +532,7 @@ def main() -> None:
         figures = track_figures(workdir, args.connections, args.seconds, notes)
         figures.append(batch_sqlite(workdir, args.seconds, notes))
         if args.postgres:
-            figures.append(batch_postgres(args.postgres, workdir, args.seconds, notes))
+            figures.extend(batch_postgres(args.postgres, workdir, args.seconds, notes))
     report("tracking", figures, notes)
 
 
