@@ -146,12 +146,15 @@ async def customers(runtime: Runtime) -> int:
     return int(count or 0)
 
 
-async def pending(runtime: Runtime) -> int:
+async def any_pending(runtime: Runtime) -> bool:
+    """Whether an event waits to be applied. Asked every 0.2 s while the worker runs: a
+    count of the pending events took several milliseconds of the same cores with a
+    backlog of 100,000, this one look-up in the pending index none."""
     async with runtime.db.read() as connection:
-        count = await connection.scalar(
-            select(func.count()).select_from(events).where(events.c.processed_at.is_(None))
+        first = await connection.scalar(
+            select(events.c.id).where(events.c.processed_at.is_(None)).limit(1)
         )
-    return int(count or 0)
+    return first is not None
 
 
 def event_worker(runtime: Runtime) -> Worker:
@@ -179,7 +182,7 @@ async def run(leads: int, database_url: str, *, worker_process: bool = False) ->
     try:
         with Stopwatch() as watch:
             ingest_seconds = await send(runtime, leads)
-            while await pending(runtime):  # the worker has no "idle" event to wait for
+            while await any_pending(runtime):  # the worker has no "idle" event to wait for
                 if child is not None:
                     child.check()
                 await asyncio.sleep(0.2)
