@@ -12,10 +12,11 @@ Each figure is put beside a baseline measured in the same run:
    INSERTs of as many rows of the same shape into the same file's `events` table
    (stdlib sqlite3 with cjm's pragmas, 500 rows per transaction, the rows built
    before the clock starts). Target: at least 0.3 of raw. `--postgres` repeats it
-   on PostgreSQL as README.md deploys cjm there: the API as `cjm serve --no-worker`,
-   one process and then two (the calls spread over them as a load balancer would),
-   and a `cjm worker` beside them applying the events while they arrive (on this
-   machine's cores too); raw rows through asyncpg's executemany.
+   on PostgreSQL as README.md deploys cjm there: the API as `cjm serve --no-worker`
+   and a `cjm worker` beside it applying the events while they arrive (on this
+   machine's cores too); raw rows through asyncpg's executemany. Then the same with
+   two API processes (the calls spread over them as a load balancer would), against
+   the one: they race to create the same new leads, and every call must get a 200.
 
 The client is a keep-alive HTTP/1.1 client on asyncio streams, one request in flight
 per connection, in this process while each server has its own: httpx would spend
@@ -65,8 +66,6 @@ AUTHORIZATION = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 WARMUP_S = 2.0
 BATCH = 500
 BATCH_CONNECTIONS = 4
-# `cjm serve --no-worker` processes taking /v1/batch on PostgreSQL, one run each.
-API_PROCESSES = (1, 2)
 # Drawn at random, so in a short run most calls come from a user cjm has not seen yet:
 # the dearer path, where ingestion creates the lead and its identity.
 USERS = 100_000
@@ -476,42 +475,66 @@ def batch_sqlite(workdir: Path, seconds: float, notes: dict[str, Any]) -> Figure
 def batch_postgres(
     server: str, workdir: Path, seconds: float, notes: dict[str, Any]
 ) -> list[Figure]:
-    """/v1/batch on PostgreSQL with one API process, then with two behind the client's
-    round robin (as behind a load balancer), each time with a worker beside them and
-    on a fresh database. The two processes' calls name the same users, new ones
-    mostly: their groups race to create the same leads."""
-    figures = []
-    for processes in API_PROCESSES:
-        with scratch_postgres(server, f"cjm_bench_tracking_{processes}") as url:
-            upgraded = subprocess.run(
-                [str(BIN / "cjm"), "db", "upgrade"],
-                env=cjm_env(url, 0),
-                capture_output=True,
-                text=True,
+    """/v1/batch on PostgreSQL with one API process against raw INSERTs; then with two
+    behind the client's round robin (as behind a load balancer) against the one. Each
+    time a worker runs beside them, on a fresh database. The two processes' calls name
+    the same users, new ones mostly: their groups race to create the same leads, and
+    any answer but 200 fails the run."""
+    one, raw_seconds = _batch_postgres_run(server, workdir, seconds, notes, processes=1)
+    two, _ = _batch_postgres_run(server, workdir, seconds, notes, processes=2, raw=False)
+    assert raw_seconds is not None
+    return [
+        batch_figure("PostgreSQL", one, raw_seconds),
+        Figure(
+            "  the same, 2 API processes",
+            two.rate,
+            "ev/s",
+            baseline=one.rate,
+            baseline_what="one API process; a cjm worker beside them both times",
+        ),
+    ]
+
+
+def _batch_postgres_run(
+    server: str,
+    workdir: Path,
+    seconds: float,
+    notes: dict[str, Any],
+    *,
+    processes: int,
+    raw: bool = True,
+) -> tuple[Load, float | None]:
+    """The load on `processes` `cjm serve --no-worker` with a `cjm worker`, and (`raw`)
+    the seconds raw INSERTs then took for as many rows, on a database of their own."""
+    with scratch_postgres(server, f"cjm_bench_tracking_{processes}") as url:
+        upgraded = subprocess.run(
+            [str(BIN / "cjm"), "db", "upgrade"],
+            env=cjm_env(url, 0),
+            capture_output=True,
+            text=True,
+        )
+        if upgraded.returncode:
+            raise RuntimeError(f"cjm db upgrade failed:\n{upgraded.stderr[-2000:]}")
+        with worker_alongside(url, workdir):
+            load = cjm_load(
+                url,
+                workdir,
+                "/v1/batch",
+                batch_bodies(4),
+                BATCH_CONNECTIONS,
+                seconds,
+                "--no-worker",
+                processes=processes,
             )
-            if upgraded.returncode:
-                raise RuntimeError(f"cjm db upgrade failed:\n{upgraded.stderr[-2000:]}")
-            with worker_alongside(url, workdir):
-                cjm = cjm_load(
-                    url,
-                    workdir,
-                    "/v1/batch",
-                    batch_bodies(4),
-                    BATCH_CONNECTIONS,
-                    seconds,
-                    "--no-worker",
-                    processes=processes,
-                )
-            notes[f"batch_postgres_{processes}_api"] = {
-                "connections": BATCH_CONNECTIONS,
-                "cjm": spent(cjm),
-                # Applied by the worker while the API stored them: it was not idle.
-                "events_applied_meanwhile": asyncio.run(applied_events(url)),
-            }
-            raw_seconds = asyncio.run(raw_postgres(url, event_rows(cjm.accepted, 5)))
-        apis = "1 API" if processes == 1 else f"{processes} APIs"
-        figures.append(batch_figure(f"PostgreSQL, {apis} + worker", cjm, raw_seconds))
-    return figures
+        notes[f"batch_postgres_{processes}_api"] = {
+            "connections": BATCH_CONNECTIONS,
+            "cjm": spent(load),
+            # Applied by the worker while the API stored them: it was not idle.
+            "events_applied_meanwhile": asyncio.run(applied_events(url)),
+        }
+        if not raw:
+            return load, None
+        return load, asyncio.run(raw_postgres(url, event_rows(load.accepted, 5)))
 
 
 def main() -> None:

@@ -297,12 +297,12 @@ async def insert_returning(
         statement = _insert_statement("postgresql", table, columns, suffix)
         columns_of_rows = tuple(list(column) for column in zip(*rows, strict=True))
         return list((await connection.exec_driver_sql(statement, columns_of_rows)).fetchall())
-    returned: list[tuple[Any, ...]] = []
+    head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
     row = f"({','.join('?' * len(columns))})"
+    returned: list[tuple[Any, ...]] = []
     for part in chunks(rows, ROWS_PER_INSERT):
-        statement = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
         result = await connection.exec_driver_sql(
-            statement + ", ".join([row] * len(part)) + suffix,
+            head + ", ".join([row] * len(part)) + suffix,
             tuple(value for values in part for value in values),
         )
         returned.extend(result.fetchall())
