@@ -276,22 +276,18 @@ def _answers_health(port: int) -> bool:
 
 
 @contextmanager
-def serving(
-    name: str, command: list[str], port: int, workdir: Path, env: dict[str, str]
-) -> Iterator[int]:
-    """Start a server, wait until /healthz answers, yield its pid, and always stop it."""
+def running(
+    name: str, command: list[str], workdir: Path, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Start `command` with its output in `workdir`/`name`.log; yield the process and
+    the log's path, and always stop it."""
     log = workdir / f"{name}.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 60
-        while not _answers_health(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield process.pid
+        yield process, log
     finally:
         process.terminate()
         try:
@@ -299,6 +295,20 @@ def serving(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def serving(
+    name: str, command: list[str], port: int, workdir: Path, env: dict[str, str]
+) -> Iterator[int]:
+    """Start a server, wait until /healthz answers, yield its pid, and always stop it."""
+    with running(name, command, workdir, env) as (process, log):
+        deadline = time.monotonic() + 60
+        while not _answers_health(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield process.pid
 
 
 def cjm_load(
@@ -327,26 +337,11 @@ def cjm_load(
 @contextmanager
 def worker_alongside(database_url: str, workdir: Path) -> Iterator[None]:
     """A `cjm worker` on the database for as long as the block runs."""
-    log = workdir / "worker.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(BIN / "cjm"), "worker"],
-            cwd=workdir,
-            env=cjm_env(database_url, 0),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    command = [str(BIN / "cjm"), "worker"]
+    with running("worker", command, workdir, cjm_env(database_url, 0)) as (process, log):
         yield
         if process.poll() is not None:
             raise RuntimeError(f"cjm worker stopped:\n{log.read_text()[-2000:]}")
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def applied_events(url: str) -> int:
