@@ -188,8 +188,9 @@ def serve(
 
 
 def _run_fast(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` on uvloop where it is installed (not on Windows): the HTTP hot path
-    spends a good part of its time in the event loop, which uvloop makes cheaper."""
+    """Run `main` on uvloop where it is installed (not on Windows): the HTTP hot path,
+    the database drivers and the email sender's SMTP connections spend a good part of
+    their time in the event loop, which uvloop makes cheaper."""
     try:
         import uvloop
     except ImportError:
@@ -261,7 +262,7 @@ def worker_command(
                 loop.remove_reader(parent_pipe)
             await runtime.stop()
 
-    asyncio.run(run())
+    _run_fast(run())
 
 
 def _heed_server(pipe: int, runtime: Runtime, stopping: asyncio.Event) -> None:
