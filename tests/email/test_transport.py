@@ -237,6 +237,55 @@ async def test_an_address_the_server_cannot_take_is_a_permanent_failure_without_
     assert failure.value.code is None
 
 
+async def test_an_address_the_server_cannot_take_leaves_the_connection_for_the_next_message(
+    recorder: Recorder,
+) -> None:
+    """Refused before MAIL FROM: no envelope is left open to refuse the next message."""
+    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=False)
+    server.start()
+    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", concurrency=1, timeout=5)
+    try:
+        with pytest.raises(PermanentFailure):
+            await transport.send(message(to="zoë@example.com"))
+        await transport.send(message(to="ada@example.com"))
+    finally:
+        await transport.close()
+        server.stop()
+
+    assert [envelope.rcpt_tos for envelope in recorder.envelopes] == [["ada@example.com"]]
+    assert len(recorder.sessions) == 1
+
+
+async def test_a_non_ascii_address_is_delivered_where_the_server_offers_smtputf8(
+    recorder: Recorder,
+) -> None:
+    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
+    server.start()
+    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", timeout=5)
+    try:
+        await transport.send(message(to="zoë@example.com"))
+    finally:
+        await transport.close()
+        server.stop()
+
+    [envelope] = recorder.envelopes
+    assert envelope.rcpt_tos == ["zoë@example.com"]
+    assert "SMTPUTF8" in envelope.mail_options
+    assert b"\r\nTo: zo\xc3\xab@example.com\r\n" in envelope.original_content
+
+
+async def test_the_envelope_declares_the_size_of_the_message_as_sent(
+    transport: SmtpTransport, recorder: Recorder
+) -> None:
+    sent = message()
+
+    await transport.send(sent)
+
+    [envelope] = recorder.envelopes
+    assert f"SIZE={len(sent.data)}" in envelope.mail_options
+    assert envelope.original_content == sent.data
+
+
 async def test_the_connection_carries_on_after_a_refusal(
     transport: SmtpTransport, recorder: Recorder
 ) -> None:
