@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage, Message
@@ -93,6 +94,19 @@ def test_the_message_is_multipart_alternative_with_the_text_part_first_then_html
         "text/html",
     ]
     assert all(part.get_content_charset() == "utf-8" for part in message.iter_parts())
+
+
+def test_a_boundary_that_occurs_in_a_part_is_drawn_again() -> None:
+    random.seed(2026)
+    first = f"==============={random.randrange(10**19):019d}=="
+    text = f"{TEXT}\n--{first}\n"
+    random.seed(2026)  # build_message draws `first` again, and must not keep it
+
+    sent = wire(text=text)
+
+    received = message_from_bytes(sent.data, policy=default)
+    assert received.get_boundary() != first
+    assert parts(received)[0] == text
 
 
 def test_the_headers_name_sender_recipient_subject_and_date() -> None:
