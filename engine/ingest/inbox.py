@@ -20,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.clock import Clock
-from engine.db.database import Database, SqlConnection
+from engine.db.database import Database, SqlConnection, must_run_again
 from engine.db.queries import insert_rows, json_text, micros
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
@@ -47,6 +48,12 @@ MAX_WAIT_S = 8.0
 # while the oldest queued message, or the group being written, has waited more than
 # half of MAX_WAIT_S: a new one would wait about as long behind them.
 MAX_QUEUED = 10 * MAX_GROUP
+# How many times a group's transaction is run when PostgreSQL aborts it to break a
+# deadlock, before its callers are left to retry (503), and the most it waits before
+# the next run, times the runs so far: a random pause, so that two groups that met
+# do not meet again at once, and the others they were waiting on can commit.
+GROUP_RUNS = 5
+RUN_AGAIN_PAUSE_S = 0.05
 
 
 class InboxClosed(RuntimeError):
@@ -193,7 +200,7 @@ class Inbox:
             await insert_events(connection, messages, routes)
 
         try:
-            await self._db.write_sql(store)
+            await self._store(store, len(messages))
         except Exception as error:
             log.exception("inbox: a group of %d messages was not stored", len(messages))
             for waiter in group:
@@ -211,6 +218,26 @@ class Inbox:
         for waiter in group:
             if not waiter.done.done():
                 waiter.done.set_result(None)
+
+    async def _store(
+        self, store: Callable[[SqlConnection], Coroutine[Any, Any, None]], count: int
+    ) -> None:
+        """`store` as one transaction, run again when PostgreSQL broke a deadlock by
+        aborting it. Two API processes that take in the same messages (a client that
+        timed out on one and sent its batch again to another) insert their messageIds
+        in different orders, and each may wait on a row the other wrote; run again, the
+        rows the other committed are skipped."""
+        for run in range(1, GROUP_RUNS + 1):
+            try:
+                await self._db.write_sql(store)
+                return
+            except Exception as error:
+                if run == GROUP_RUNS or not must_run_again(error):
+                    raise
+                # The driver's error alone: SQLAlchemy's adds every parameter of the statement.
+                reason = getattr(error, "orig", error)
+                log.info("inbox: %d messages rolled back (%s), storing them again", count, reason)
+            await asyncio.sleep(random.uniform(0, RUN_AGAIN_PAUSE_S * run))
 
 
 def _first_of_each_id(batches: Iterable[Sequence[Message]]) -> list[Message]:
