@@ -162,12 +162,13 @@ class SmtpTransport:
 async def _transaction(client: SMTP, message: OutgoingEmail) -> None:
     """MAIL, RCPT and DATA for one message to its one recipient.
 
-    What `SMTP.sendmail` does for one recipient, without what build_message did
-    already: sendmail parses each address three times (the stdlib address parser, a
-    tenth of an email's cost to cjm) and rewrites the line endings of the whole
-    message once more than DATA does, to size it; the bytes are CRLF already, so
-    their length is the size. A refusal resets the envelope, so the connection
-    carries the next message, as sendmail does.
+    What `SMTP.sendmail` does for one recipient, less what build_message made needless:
+    sendmail parses each address once more than MAIL and RCPT do (with the standard
+    library's slow address parser), and rewrites the line endings of the whole message
+    once more than DATA does, to size it; the bytes are CRLF already, so their length
+    is the size. Together about 140 µs of CPU a message, a tenth of what cjm spends on
+    an email. A refusal resets the envelope, so the connection carries the next
+    message, as sendmail does.
     """
     utf8 = not (message.envelope_from.isascii() and message.recipient.isascii())
     if utf8 and not client.supports_extension("smtputf8"):
