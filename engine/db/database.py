@@ -53,17 +53,6 @@ def _lease_settings(lease_seconds: float) -> dict[str, str]:
     }
 
 
-# PostgreSQL's answers that roll the whole transaction back and ask for it to be run
-# again (SQLSTATE class 40): a deadlock, which the server breaks by aborting one of the
-# transactions waiting on each other, and a serialization failure.
-_RUN_AGAIN_SQLSTATES = frozenset({"40P01", "40001"})
-
-
-def must_run_again(error: BaseException) -> bool:
-    """Whether `error` rolled back a transaction that, run again, may well succeed."""
-    return getattr(getattr(error, "orig", None), "pgcode", None) in _RUN_AGAIN_SQLSTATES
-
-
 class SqlResult(Protocol):
     """What plain SQL gives back: SQLAlchemy's `CursorResult`, or inside `write_sql` on
     SQLite the statement's rows as sqlite3 gave them."""

@@ -276,6 +276,18 @@ async def rows_for_ids(
 ROWS_PER_INSERT = 1_000
 
 
+async def reserve_ids(connection: SqlConnection, table: Table, count: int) -> list[int]:
+    """`count` new values of `table`'s serial `id`, ascending (PostgreSQL only): ids
+    to write explicitly when the rows must be inserted in another order than the one
+    their ids should keep."""
+    result = await connection.exec_driver_sql(
+        f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id'))"
+        " FROM generate_series(1, $1::INTEGER)",
+        (count,),
+    )
+    return sorted(reserved for (reserved,) in result.fetchall())
+
+
 async def insert_returning(
     connection: SqlConnection,
     table: Table,

@@ -20,16 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.clock import Clock
-from engine.db.database import Database, SqlConnection, must_run_again
-from engine.db.queries import insert_rows, json_text, micros
+from engine.db.database import Database, SqlConnection
+from engine.db.queries import insert_rows, json_text, micros, reserve_ids
 from engine.db.schema import events
 from engine.ingest.identity import Route, resolve_leads
 from engine.ingest.messages import Message
@@ -48,12 +47,6 @@ MAX_WAIT_S = 8.0
 # while the oldest queued message, or the group being written, has waited more than
 # half of MAX_WAIT_S: a new one would wait about as long behind them.
 MAX_QUEUED = 10 * MAX_GROUP
-# How many times a group's transaction is run when PostgreSQL aborts it to break a
-# deadlock, before its callers are left to retry (503), and the most it waits before
-# the next run, times the runs so far: a random pause, so that two groups that met
-# do not meet again at once, and the others they were waiting on can commit.
-GROUP_RUNS = 5
-RUN_AGAIN_PAUSE_S = 0.05
 
 
 class InboxClosed(RuntimeError):
@@ -200,7 +193,7 @@ class Inbox:
             await insert_events(connection, messages, routes)
 
         try:
-            await self._store(store, len(messages))
+            await self._db.write_sql(store)
         except Exception as error:
             log.exception("inbox: a group of %d messages was not stored", len(messages))
             for waiter in group:
@@ -218,26 +211,6 @@ class Inbox:
         for waiter in group:
             if not waiter.done.done():
                 waiter.done.set_result(None)
-
-    async def _store(
-        self, store: Callable[[SqlConnection], Coroutine[Any, Any, None]], count: int
-    ) -> None:
-        """`store` as one transaction, run again when PostgreSQL broke a deadlock by
-        aborting it. Two API processes that take in the same messages (a client that
-        timed out on one and sent its batch again to another) insert their messageIds
-        in different orders, and each may wait on a row the other wrote; run again, the
-        rows the other committed are skipped."""
-        for run in range(1, GROUP_RUNS + 1):
-            try:
-                await self._db.write_sql(store)
-                return
-            except Exception as error:
-                if run == GROUP_RUNS or not must_run_again(error):
-                    raise
-                # The driver's error alone: SQLAlchemy's adds every parameter of the statement.
-                reason = getattr(error, "orig", error)
-                log.info("inbox: %d messages rolled back (%s), storing them again", count, reason)
-            await asyncio.sleep(random.uniform(0, RUN_AGAIN_PAUSE_S * run))
 
 
 def _first_of_each_id(batches: Iterable[Sequence[Message]]) -> list[Message]:
@@ -271,11 +244,26 @@ EVENT_COLUMNS = (
 async def insert_events(
     connection: SqlConnection, messages: Sequence[Message], routes: Sequence[Route]
 ) -> None:
-    """The messages as inbox rows; a messageId already stored is skipped."""
+    """The messages as inbox rows, their ids in the group's order (which orders a lead's
+    events of the same instant); a messageId already stored is skipped.
+
+    On PostgreSQL the rows go in in messageId order, with ids reserved beforehand in
+    the group's order. Two API processes storing the same messages (a batch a client
+    sent again to another process while the first still wrote it) then take their
+    locks on the messageIds in one order, and one waits for the other's commit; in the
+    order of their groups, each could wait on a row the other wrote, a deadlock that
+    PostgreSQL breaks by aborting one of them. On SQLite one writer at a time.
+    """
     rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]
-    await insert_rows(
-        connection, events, EVENT_COLUMNS, rows, " ON CONFLICT (message_id) DO NOTHING"
-    )
+    columns: tuple[str, ...] = EVENT_COLUMNS
+    if connection.dialect.name == "postgresql" and len(rows) > 1:
+        ids = await reserve_ids(connection, events, len(rows))
+        rows = sorted(
+            ((event_id, *row) for event_id, row in zip(ids, rows, strict=True)),
+            key=lambda row: row[1],  # the messageId
+        )
+        columns = ("id", *EVENT_COLUMNS)
+    await insert_rows(connection, events, columns, rows, " ON CONFLICT (message_id) DO NOTHING")
 
 
 def _event_row(message: Message, route: Route) -> tuple[Any, ...]:

@@ -232,15 +232,29 @@ async def test_a_message_waiting_too_long_is_refused_and_never_stored(db: Databa
     assert await stored_ids(db) == ["m0"]
 
 
+async def test_event_ids_follow_the_order_the_messages_arrived_in(
+    db: Database, inbox: Inbox
+) -> None:
+    """Not the messageIds' order, which PostgreSQL inserts them in: the ids order a
+    lead's events of the same instant."""
+    arrived = ["m3", "m1", "m2", "m0"]
+
+    await inbox.accept([call(message_id) for message_id in arrived])
+
+    async with db.read() as connection:
+        stored = (await connection.scalars(select(events.c.message_id).order_by(events.c.id))).all()
+    assert stored == arrived
+
+
 # PostgreSQL only: on SQLite one writer at a time, so no two transactions wait on each other.
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_processes_storing_the_same_messages_in_different_orders_all_succeed(
     database_url: str, db: Database
 ) -> None:
-    """A batch sent again to another API process while the first still writes it: the
-    two insert the same messageIds in different orders, each may wait on a row the other
-    wrote, and PostgreSQL aborts one to break the deadlock. That one is run again, so
-    every caller is answered 200 and every message stored once."""
+    """A batch sent again to another API process while the first still writes it: were
+    the two to insert the same messageIds in the orders of their groups, each could wait
+    on a row the other wrote, and PostgreSQL would abort one to break the deadlock.
+    Every caller is answered 200 and every message stored once."""
     processes, rounds, size, visitors = 4, 3, 5_000, 700
     handles = [Database(database_url) for _ in range(processes)]
     inboxes = [Inbox(handle, ManualClock(NOW)) for handle in handles]
