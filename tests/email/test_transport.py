@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import socket
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage
@@ -109,6 +110,21 @@ def server_url(recorder: Recorder) -> Iterator[str]:
         yield f"smtp://127.0.0.1:{controller.port}"
     finally:
         controller.stop()
+
+
+@asynccontextmanager
+async def transport_to_own_server(
+    recorder: Recorder, *, smtputf8: bool, concurrency: int = 4
+) -> AsyncIterator[SmtpTransport]:
+    """A transport to a server of its own, which offers SMTPUTF8 or not."""
+    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=smtputf8)
+    server.start()
+    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", concurrency=concurrency, timeout=5)
+    try:
+        yield transport
+    finally:
+        await transport.close()
+        server.stop()
 
 
 @pytest.fixture
@@ -224,15 +240,9 @@ async def test_a_4xx_reply_is_a_transient_failure(
 async def test_an_address_the_server_cannot_take_is_a_permanent_failure_without_a_code(
     recorder: Recorder,
 ) -> None:
-    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=False)
-    server.start()
-    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", timeout=5)
-    try:
+    async with transport_to_own_server(recorder, smtputf8=False) as transport:
         with pytest.raises(PermanentFailure) as failure:
             await transport.send(message(to="zoë@example.com"))
-    finally:
-        await transport.close()
-        server.stop()
 
     assert failure.value.code is None
 
@@ -241,16 +251,10 @@ async def test_an_address_the_server_cannot_take_leaves_the_connection_for_the_n
     recorder: Recorder,
 ) -> None:
     """Refused before MAIL FROM: no envelope is left open to refuse the next message."""
-    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=False)
-    server.start()
-    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", concurrency=1, timeout=5)
-    try:
+    async with transport_to_own_server(recorder, smtputf8=False, concurrency=1) as transport:
         with pytest.raises(PermanentFailure):
             await transport.send(message(to="zoë@example.com"))
         await transport.send(message(to="ada@example.com"))
-    finally:
-        await transport.close()
-        server.stop()
 
     assert [envelope.rcpt_tos for envelope in recorder.envelopes] == [["ada@example.com"]]
     assert len(recorder.sessions) == 1
@@ -259,14 +263,8 @@ async def test_an_address_the_server_cannot_take_leaves_the_connection_for_the_n
 async def test_a_non_ascii_address_is_delivered_where_the_server_offers_smtputf8(
     recorder: Recorder,
 ) -> None:
-    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=True)
-    server.start()
-    transport = SmtpTransport(f"smtp://127.0.0.1:{server.port}", timeout=5)
-    try:
+    async with transport_to_own_server(recorder, smtputf8=True) as transport:
         await transport.send(message(to="zoë@example.com"))
-    finally:
-        await transport.close()
-        server.stop()
 
     [envelope] = recorder.envelopes
     assert envelope.rcpt_tos == ["zoë@example.com"]
