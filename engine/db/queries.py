@@ -817,8 +817,8 @@ async def update_enrollments(connection: AsyncConnection, rows: Sequence[Enrollm
     )
 
 
-# (enrollment_id, journey_id, from_stage, to_stage, at, cause)
-NewTransition = tuple[int, str, str | None, str | None, datetime, dict[str, Any]]
+# (enrollment_id, journey_id, from_stage, to_stage, at, cause as JSON text: `cause_json`)
+NewTransition = tuple[int, str, str | None, str | None, datetime, str]
 
 
 async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTransition]) -> None:
@@ -827,7 +827,7 @@ async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTran
         transitions,
         ("enrollment_id", "journey_id", "from_stage", "to_stage", "at", "cause"),
         [
-            (enrollment_id, journey_id, from_stage, to_stage, micros(at), json_text(cause))
+            (enrollment_id, journey_id, from_stage, to_stage, micros(at), cause)
             for enrollment_id, journey_id, from_stage, to_stage, at, cause in rows
         ],
     )

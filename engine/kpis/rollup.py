@@ -184,22 +184,18 @@ class Deltas:
 
 async def record_batch(
     connection: AsyncConnection,
-    effects: Sequence[tuple[int, JourneyEffect]],
+    counted: Sequence[tuple[int, JourneyEffect]],
     sources: Mapping[int, str],
     sources_moved: Collection[int],
 ) -> None:
-    """Add one worker batch to the roll-ups. `effects` in the order they happened, per
-    lead; `sources` the first-touch source of each lead of the batch after it ("" none),
-    for the leads it brings into a journey; `sources_moved` the leads whose source this
-    batch changed, whose figures move to it. A batch that does neither reads nothing."""
-    counted = [
-        (lead_id, item)
-        for lead_id, item in effects
-        if isinstance(item.effect, ReachGoal)
-        or (
-            isinstance(item.effect, Transitioned) and item.effect.from_stage != item.effect.to_stage
-        )
-    ]
+    """Add one worker batch to the roll-ups.
+
+    `counted`: the batch's effects the roll-ups count, goals reached and moves to
+    another stage (entering or leaving the journey included), in the order they
+    happened, per lead. `sources`: the first-touch source of each lead of the batch
+    after it ("" none), for the leads it brings into a journey. `sources_moved`: the
+    leads whose source this batch changed, whose figures move to it. A batch that does
+    neither reads nothing."""
     lead_ids = {lead_id for lead_id, _ in counted} | set(sources_moved)
     if not lead_ids:
         return

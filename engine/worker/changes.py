@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
@@ -21,6 +22,7 @@ from engine.kpis.sources import FirstTouch
 from engine.machine.lead import JourneyEffect, Outcome, PendingTimer
 from engine.machine.values import (
     AddToAudience,
+    Cause,
     ChannelAction,
     Enrollment,
     EnrollmentState,
@@ -53,6 +55,25 @@ IDENTITY_TRAITS = ("email", "phone", "first_name", "last_name", "city", "state",
 
 def _identity_moved(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     return any(before.get(name) != after.get(name) for name in IDENTITY_TRAITS)
+
+
+def cause_json(cause: Cause) -> str:
+    """`cause.as_dict()` as JSON text, written in one call: the same text, at a third
+    of the cost (orjson writes the timestamp itself, "Z" for UTC as `as_dict` does)."""
+    found: dict[str, Any] = {"type": cause.kind}
+    if cause.event is not None:
+        found["event"] = cause.event
+    if cause.message_id is not None:
+        found["message_id"] = cause.message_id
+    if cause.timestamp is not None:
+        found["timestamp"] = cause.timestamp
+    if cause.late:
+        found["late"] = True
+    if cause.after is not None:
+        found["after"] = cause.after
+    if cause.detail is not None:
+        found["detail"] = cause.detail
+    return orjson.dumps(found, option=orjson.OPT_UTC_Z).decode()
 
 
 def _email_of(traits: dict[str, Any]) -> str | None:
@@ -144,11 +165,14 @@ class Changes:
         # batch still leaves both times on the membership.
         added: dict[tuple[str, int], queries.AudienceAdd] = {}
         removed: dict[tuple[str, int], queries.AudienceRemoval] = {}
+        counted: list[tuple[int, JourneyEffect]] = []  # what the KPI roll-ups count
         for lead_id, item in self.effects:
             enrollment_id = ids[(lead_id, item.journey_id, item.entry_no)]
             effect = item.effect
             if isinstance(effect, Transitioned):
                 self.moves[item.journey_id] += 1
+                if effect.from_stage != effect.to_stage:
+                    counted.append((lead_id, item))
                 if effect.cause.kind == "timer":
                     self.timer_lags.append((self.now - effect.at).total_seconds())
                 transitions.append(
@@ -158,7 +182,7 @@ class Changes:
                         effect.from_stage,
                         effect.to_stage,
                         effect.at,
-                        effect.cause.as_dict(),
+                        cause_json(effect.cause),
                     )
                 )
             elif isinstance(effect, ChannelAction):
@@ -174,6 +198,7 @@ class Changes:
                     )
                 )
             elif isinstance(effect, ReachGoal):
+                counted.append((lead_id, item))
                 goals.append(
                     (enrollment_id, item.journey_id, effect.message_id, effect.at, effect.value)
                 )
@@ -218,7 +243,7 @@ class Changes:
         )
         await queries.mark_processed(connection, self.processed, self.now)
         if self.kpis:
-            await record_batch(connection, self.effects, self.sources, self.sources_moved)
+            await record_batch(connection, counted, self.sources, self.sources_moved)
 
     async def _write_enrollments(self, connection: AsyncConnection) -> None:
         new: list[EnrollmentKey] = []

@@ -5,14 +5,15 @@ give each lead one code and count each once."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import itertools
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 from sqlalchemy import Table, func, insert, select
 
 from channels.offers.store import grant_offers
-from engine.db.queries import OUTBOX_PENDING
+from engine.db.queries import OUTBOX_PENDING, json_text
 from engine.db.schema import (
     audience_members,
     enrollments,
@@ -24,6 +25,8 @@ from engine.db.schema import (
     transitions,
 )
 from engine.db.types import to_micros
+from engine.machine.values import Cause
+from engine.worker.changes import cause_json
 from tests.worker.conftest import Engine
 
 CATALOG = {"path": "/catalog/steel"}
@@ -93,6 +96,32 @@ async def test_rows_written_in_bulk_are_stored_as_the_column_types_store_them(
     assert await engine.audiences(lead.id) == {"visitors": True, "abandoners": False}
     (left,) = await engine.rows(audience_members, lead_id=lead.id, audience="abandoners")
     assert left.removed_at == landed_at
+
+
+def test_a_cause_is_written_as_the_text_of_its_dict() -> None:
+    """The worker writes a transition's cause in one call, not through `as_dict()`:
+    every field, set or not, and every kind of timestamp comes out the same text."""
+    instants = [
+        None,
+        datetime(2026, 3, 1, 9, 30, tzinfo=UTC),  # no microseconds: none written
+        datetime(2026, 3, 1, 9, 30, 0, 120, tzinfo=UTC),
+        datetime(2026, 3, 1, 9, 30, 5, 999999, tzinfo=timezone(timedelta(hours=2))),
+        datetime(1999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+    ]
+    written = set()
+    for event, message_id, timestamp, late, after, detail in itertools.product(
+        [None, "order_completed"],
+        [None, 'm-1 "quoted" é'],
+        instants,
+        [False, True],
+        [None, "2h"],
+        [None, "merged into lead 7"],
+    ):
+        cause = Cause("event", event, message_id, timestamp, late, after, detail)
+        text = cause_json(cause)
+        assert text == json_text(cause.as_dict()), cause.as_dict()
+        written.add(text)
+    assert len(written) == 2 * 2 * len(instants) * 2 * 2 * 2  # no two causes alike
 
 
 async def test_grants_in_one_batch_give_each_lead_one_code_and_are_counted_once(
