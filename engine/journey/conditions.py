@@ -62,6 +62,13 @@ def _matcher_predicate(operator: str, operand: Any) -> Predicate:
         return lambda value: value is not MISSING and _equal(value, operand)
     if operator == "ne":
         return lambda value: value is MISSING or not _equal(value, operand)
+    if operator in ("in", "not_in") and all(isinstance(o, str) for o in operand):
+        # The usual list, of strings (paths, sources, statuses), tested for every event:
+        # only a string can equal one, and a set finds it without a loop.
+        strings = frozenset(operand)
+        if operator == "in":
+            return lambda value: isinstance(value, str) and value in strings
+        return lambda value: not (isinstance(value, str) and value in strings)
     if operator == "in":
         return lambda value: value is not MISSING and any(_equal(value, o) for o in operand)
     if operator == "not_in":
