@@ -26,7 +26,15 @@ from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.outbox import insert_emails
-from engine.db.queries import OUTBOX_PENDING, among, chunks, mark_outbox_dispatched, upsert
+from engine.db.queries import (
+    OUTBOX_PENDING,
+    among,
+    chunks,
+    mark_outbox_dispatched,
+    micros,
+    update_rows,
+    upsert,
+)
 from engine.db.schema import emails, enrollments, outbox, sequence_runs
 from engine.journey.model import EmailStep, WaitStep
 from engine.machine.book import JourneyBook
@@ -190,6 +198,8 @@ async def advance_sequences(
     how many runs were advanced."""
     due = await _claim_due_runs(connection, now, limit)
     queued: list[dict[str, Any]] = []
+    # (step, next_at, status, ended_at, updated_at, id) per run carried on: one statement
+    moved: list[tuple[Any, ...]] = []
     advanced = 0
     for run in due:
         journey = book.versions.get((run.journey_id, run.version))
@@ -228,17 +238,15 @@ async def advance_sequences(
                 queued.append(_step_email(run, step - 1, current.email, at, now))
                 at = None  # until the sender settles the email
                 break
-        await connection.execute(
-            update(sequence_runs)
-            .where(sequence_runs.c.id == run.id)
-            .values(
-                step=step,
-                next_at=at,
-                status=status,
-                ended_at=now if status == COMPLETED else None,
-                updated_at=now,
-            )
-        )
+        ended_at = now if status == COMPLETED else None
+        moved.append((step, micros(at), status, micros(ended_at), micros(now), run.id))
+    await update_rows(
+        connection,
+        sequence_runs,
+        ("step", "next_at", "status", "ended_at", "updated_at"),
+        ("id",),
+        moved,
+    )
     if queued:
         await insert_emails(connection, queued)
     return advanced

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from channels.offers.codes import make_code
 from engine.db.queries import OUTBOX_PENDING, among, chunks, mark_outbox_dispatched, upsert
 from engine.db.schema import enrollments, offer_codes, outbox
-from engine.ingest.internal import emit
+from engine.ingest.internal import Fact, emit, emit_all
 from engine.journey.model import MAX_CODE_LENGTH, Journey
 from engine.kpis.rollup import bump_offer, day_of
 from engine.machine.book import JourneyBook
@@ -63,20 +63,24 @@ async def grant_offers(
         expires_at = offer.expires.at or now + (offer.expires.after or timedelta(0))
         grants.append(_Grant(row, offer.code, expires_at))
     codes = await _insert_unique(connection, grants, now)
-    for grant, code in zip(grants, codes, strict=True):
-        await emit(
-            connection,
-            lead_id=grant.row.lead_id,
-            name="offer.granted",
-            properties={
-                "offer": grant.row.target,
-                "code": code,
-                "journey": grant.row.journey_id,
-                "expires_at": grant.expires_at.isoformat(),
-            },
-            at=now,
-            key=f"offer.granted:{code}",
-        )
+    await emit_all(
+        connection,
+        [
+            Fact(
+                grant.row.lead_id,
+                "offer.granted",
+                {
+                    "offer": grant.row.target,
+                    "code": code,
+                    "journey": grant.row.journey_id,
+                    "expires_at": grant.expires_at.isoformat(),
+                },
+                now,
+                f"offer.granted:{code}",
+            )
+            for grant, code in zip(grants, codes, strict=True)
+        ],
+    )
     await mark_outbox_dispatched(connection, [row.id for row in claimed], now)
     # Counted last, in key order: concurrent granters hold the counter rows only for
     # the end of their transactions, and always take them in the same order.
@@ -111,16 +115,20 @@ async def expire_offers(connection: AsyncConnection, now: datetime, limit: int =
         .where(offer_codes.c.id.in_([row.id for row in due]))
         .values(status=EXPIRED, expired_at=now)
     )
-    for row in due:
-        await emit(
-            connection,
-            lead_id=row.lead_id,
-            name="offer.expired",
-            properties={"offer": row.offer, "code": row.code, "journey": row.journey_id},
-            # When the offer ran out, even if the sweep comes later (the server was down).
-            at=row.expires_at,
-            key=f"offer.expired:{row.code}",
-        )
+    await emit_all(
+        connection,
+        [
+            Fact(
+                row.lead_id,
+                "offer.expired",
+                {"offer": row.offer, "code": row.code, "journey": row.journey_id},
+                # When the offer ran out, even if the sweep comes later (the server was down).
+                row.expires_at,
+                f"offer.expired:{row.code}",
+            )
+            for row in due
+        ],
+    )
     # Counted last, in key order, as grants are.
     expired = Counter((row.journey_id, day_of(row.granted_at), row.offer) for row in due)
     for (journey_id, day, offer), count in sorted(expired.items()):

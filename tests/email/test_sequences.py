@@ -162,6 +162,8 @@ async def test_a_sequence_arrives_in_order_personalised_with_each_wait_honoured(
     sent = [row.sent_at for row in await nurture.emails(lead_id)]
     assert sent == [first_sent, first_sent + 2 * SECOND, first_sent + 5 * SECOND]
     assert await runs(nurture, lead_id) == [("tips", "completed", None)]
+    (run,) = await nurture.rows(sequence_runs, lead_id=lead_id)
+    assert (run.step, run.next_at, run.ended_at) == (5, None, sent[-1])
 
     # Another process running the channel later repeats nothing.
     await channel(nurture).run_once()
