@@ -3,9 +3,8 @@
 N leads of the doors journey download the catalog: the worker takes each into
 `nurturing`, which grants the free-installation offer and starts the `door_tips`
 sequence, and dispatching queues the sequence's first email (`catalog`, showing the
-lead's code), as a running email channel does (how fast, beside the worker, is shown
-on a line of its own: offer codes granted, runs started, first emails queued, per
-lead). The clock then runs while the channel
+lead's code), as a running email channel does. (A line of its own shows how fast that
+dispatch went, leads/s beside the worker's.) The clock then runs while the channel
 sends them all: claim under a lease, pace (sending window), render the Jinja2
 template, send the links through click tracking, add the open pixel and one-click
 unsubscribe, hand the message to SMTP, and record the outcome with the run's next
