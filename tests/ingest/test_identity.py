@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import sqlite3
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,3 +255,45 @@ async def test_processes_ingesting_the_same_new_ids_at_once_map_each_to_one_lead
     assert len(routed) == processes * groups * group_size
     assert all(lead == mapped[anon] for anon, lead in routed)
     assert lead_ids == set(mapped.values())
+
+
+async def test_on_sqlite_storing_a_group_searches_identities_by_their_whole_key(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """SQLite plans without statistics. It answered a lookup of a few leads' user ids
+    by walking every user id in the table (the primary key's prefix `kind`), a cost
+    that grew with the table: at a million leads, most of what storing a group took.
+    Every query the inbox makes on identities must search an index by its whole key."""
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    inbox = Inbox(db, ManualClock(NOW))
+    statements: list[str] = []
+    async with db.write() as connection:  # the writer's one connection, kept in its pool
+        driver = (await connection.get_raw_connection()).driver_connection
+        await driver.set_trace_callback(statements.append)
+    await inbox.start()
+    try:
+        # Groups of ten: from five ids on, SQLite chose the walk.
+        await inbox.accept([message("page", anon=f"a{n}") for n in range(10)])
+        await inbox.accept([message("identify", user=f"u{n}", anon=f"a{n}") for n in range(10)])
+        await inbox.accept([message(user=f"u{n}") for n in range(10)])
+    finally:
+        await inbox.stop()
+        await db.close()
+
+    lookups = [
+        s for s in statements if s.lstrip().upper().startswith("SELECT") and "identities" in s
+    ]
+    assert len(lookups) >= 5, statements  # ids by value, then the leads' user ids, per group
+    plans = sqlite3.connect(path)
+    try:
+        for lookup in lookups:
+            steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
+            on_identities = [step for step in steps if " identities " in f"{step} "]
+            assert on_identities, (lookup, steps)
+            for step in on_identities:
+                assert step.startswith("SEARCH identities USING "), (lookup, steps)
+                assert step.endswith(("(kind=? AND value=?)", "(lead_id=?)")), (lookup, steps)
+    finally:
+        plans.close()
