@@ -4,14 +4,19 @@ on a manual clock, over each database."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy import insert
 
+from channels.email.sequences import _active_runs
+from engine.db.database import Database
 from engine.db.schema import emails, sequence_runs
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
 from tests.worker.conftest import app_client
@@ -375,3 +380,52 @@ async def test_senders_in_two_processes_keep_the_cap_between_them(
         lead_id = await mail.lead_id(user_id="both")
         assert sorted(row.status for row in await mail.emails(lead_id)) == ["deferred", "sent"]
         assert len(mail.smtp.recorder.envelopes) == 1
+
+
+async def test_on_sqlite_active_runs_are_looked_up_by_enrollment(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """Which of some (enrollment, sequence) pairs have an active run: SQLite, planning
+    without statistics, walked every active run there is to answer it (the status
+    index), a cost that grew with the runs under way. It must search the index of
+    active runs by enrollment, and still answer for the pairs asked about alone."""
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    statements: list[str] = []
+    try:
+        async with db.write() as connection:
+            await connection.execute(
+                insert(sequence_runs),
+                [
+                    {
+                        "idempotency_key": f"run-{n}",
+                        "lead_id": enrollment,
+                        "enrollment_id": enrollment,
+                        "journey_id": "doors",
+                        "version": 1,
+                        "sequence": sequence,
+                        "status": status,
+                        "step": 0,
+                        "started_at": now,
+                        "updated_at": now,
+                    }
+                    for n, (enrollment, sequence, status) in enumerate(
+                        [(1, "tips", "active"), (1, "other", "stopped"), (2, "other", "active")]
+                    )
+                ],
+            )
+            driver = (await connection.get_raw_connection()).driver_connection
+            await driver.set_trace_callback(statements.append)
+            asked = {(1, "tips"), (1, "other"), (2, "tips"), *((n, "tips") for n in range(3, 20))}
+            assert await _active_runs(connection, asked) == {(1, "tips")}
+    finally:
+        await db.close()
+    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plans = sqlite3.connect(path)
+    try:
+        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
+    finally:
+        plans.close()
+    assert steps == ["SEARCH sequence_runs USING INDEX uq_sequence_runs_active (enrollment_id=?)"]

@@ -4,6 +4,8 @@ time, redeemed once by the API or by a tracked event, over each database."""
 from __future__ import annotations
 
 import re
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,8 @@ import httpx
 import pytest
 
 from channels.offers.codes import ALPHABET
+from channels.offers.store import _held_offers
+from engine.db.database import Database
 from engine.db.schema import events, offer_codes
 from engine.journey import JourneyErrors
 from engine.journey.loader import load_journey_text
@@ -329,3 +333,29 @@ def test_an_offer_whose_codes_would_not_fit_is_refused_by_validation() -> None:
         load_journey_text(long, Path("promo.yaml"))
 
     assert "67 characters long; keep them to 64" in str(refused.value)
+
+
+async def test_on_sqlite_the_codes_leads_hold_are_looked_up_by_lead(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """SQLite plans without statistics: asked for some leads' usable codes by status
+    and lead, it walked every usable code there is (the status index), a cost that
+    grew with the codes granted. The lookup must search the index of the leads."""
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    statements: list[str] = []
+    try:
+        async with db.write() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            await driver.set_trace_callback(statements.append)
+            assert await _held_offers(connection, set(range(1, 21))) == set()
+    finally:
+        await db.close()
+    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plans = sqlite3.connect(path)
+    try:
+        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
+    finally:
+        plans.close()
+    assert steps == ["SEARCH offers USING INDEX ix_offers_lead (lead_id=?)"], (lookup, steps)
