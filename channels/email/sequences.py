@@ -327,25 +327,33 @@ async def _starts_elsewhere(
     connection: AsyncConnection, claimed: list[Any]
 ) -> set[tuple[int, str]]:
     """The (enrollment, sequence) pairs stopped in `claimed` whose earlier start is still
-    pending outside it: held by another dispatcher, not yet committed."""
+    pending outside it: held by another dispatcher, not yet committed.
+
+    Read by lead (a lead has a few outbox rows), the rest tested here: SQLite, planning
+    without statistics, answered `status = 'pending' AND action = ? AND enrollment_id
+    IN (...)` by walking every pending outbox row (the status index)."""
     last_stop: dict[tuple[int, str], int] = {}
+    stopping: set[int] = set()
     for row in claimed:
         if row.action == STOP:
             last_stop[(row.enrollment_id, row.target)] = row.id
+            stopping.add(row.lead_id)
     if not last_stop:
         return set()
     mine = {row.id for row in claimed}
-    result = await connection.execute(
-        select(outbox.c.id, outbox.c.enrollment_id, outbox.c.target).where(
-            outbox.c.status == OUTBOX_PENDING,
-            outbox.c.action == START,
-            outbox.c.enrollment_id.in_({enrollment for enrollment, _ in last_stop}),
-        )
+    rows = await rows_for_ids(
+        connection,
+        "SELECT id, enrollment_id, target, action, status FROM outbox WHERE lead_id IN ({ids})",
+        (),
+        sorted(stopping),
     )
     return {
-        (row.enrollment_id, row.target)
-        for row in result
-        if row.id not in mine and row.id < last_stop.get((row.enrollment_id, row.target), 0)
+        (enrollment_id, target)
+        for row_id, enrollment_id, target, action, status in rows
+        if status == OUTBOX_PENDING
+        and action == START
+        and row_id not in mine
+        and row_id < last_stop.get((enrollment_id, target), 0)
     }
 
 

@@ -9,15 +9,16 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import insert
 
-from channels.email.sequences import _active_runs
+from channels.email.sequences import _active_runs, _starts_elsewhere
 from engine.db.database import Database
-from engine.db.schema import emails, sequence_runs
+from engine.db.schema import emails, outbox, sequence_runs
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
 from tests.worker.conftest import app_client
 
@@ -429,3 +430,68 @@ async def test_on_sqlite_active_runs_are_looked_up_by_enrollment(
     finally:
         plans.close()
     assert steps == ["SEARCH sequence_runs USING INDEX uq_sequence_runs_active (enrollment_id=?)"]
+
+
+async def test_on_sqlite_a_stops_pending_start_is_looked_up_by_lead(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """A stop waits for its run's start if another dispatcher holds it. Asked by status,
+    action and enrollment, SQLite walked every pending outbox row to find such starts;
+    it must search the outbox of the stopping leads, and find only the starts that are
+    pending, not ours, and earlier than the stop."""
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    rows = [  # id, lead (= enrollment), action, target, status
+        (1, 1, "sequence.start", "tips", "pending"),  # held elsewhere: the stop waits
+        (2, 2, "sequence.start", "tips", "dispatched"),  # started already
+        (3, 3, "sequence.start", "tips", "pending"),  # claimed with its stop
+        (4, 4, "sequence.start", "other", "pending"),  # another sequence
+        (5, 1, "sequence.stop", "tips", "pending"),
+        (6, 2, "sequence.stop", "tips", "pending"),
+        (7, 3, "sequence.stop", "tips", "pending"),
+        (8, 4, "sequence.stop", "tips", "pending"),
+        (9, 5, "sequence.start", "tips", "pending"),  # after its stop
+        *((n, n, "sequence.stop", "tips", "pending") for n in range(10, 30)),
+    ]
+    statements: list[str] = []
+    try:
+        async with db.write() as connection:
+            await connection.execute(
+                insert(outbox),
+                [
+                    {
+                        "id": row_id,
+                        "idempotency_key": f"{lead}/{row_id}",
+                        "lead_id": lead,
+                        "enrollment_id": lead,
+                        "journey_id": "doors",
+                        "action": action,
+                        "target": target,
+                        "status": status,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for row_id, lead, action, target, status in rows
+                ],
+            )
+            claimed = [
+                SimpleNamespace(
+                    id=row_id, lead_id=lead, enrollment_id=lead, action=action, target=target
+                )
+                for row_id, lead, action, target, _ in rows
+                if row_id in (3, *range(5, 9), *range(10, 30))
+            ]
+            driver = (await connection.get_raw_connection()).driver_connection
+            await driver.set_trace_callback(statements.append)
+            assert await _starts_elsewhere(connection, claimed) == {(1, "tips")}
+    finally:
+        await db.close()
+    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plans = sqlite3.connect(path)
+    try:
+        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
+    finally:
+        plans.close()
+    assert steps == ["SEARCH outbox USING INDEX ix_outbox_lead_id (lead_id=?)"]
