@@ -4,8 +4,6 @@ on a manual clock, over each database."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,9 +15,9 @@ import pytest
 from sqlalchemy import insert
 
 from channels.email.sequences import _active_runs, _starts_elsewhere
-from engine.db.database import Database
 from engine.db.schema import emails, outbox, sequence_runs
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
+from tests.sqlite_plans import TracedSqlite
 from tests.worker.conftest import app_client
 
 TIPS = """\
@@ -390,46 +388,38 @@ async def test_on_sqlite_active_runs_are_looked_up_by_enrollment(
     without statistics, walked every active run there is to answer it (the status
     index), a cost that grew with the runs under way. It must search the index of
     active runs by enrollment, and still answer for the pairs asked about alone."""
-    path = tmp_path / "cjm.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite+aiosqlite:///{path}")
     now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-    statements: list[str] = []
-    try:
-        async with db.write() as connection:
-            await connection.execute(
-                insert(sequence_runs),
-                [
-                    {
-                        "idempotency_key": f"run-{n}",
-                        "lead_id": enrollment,
-                        "enrollment_id": enrollment,
-                        "journey_id": "doors",
-                        "version": 1,
-                        "sequence": sequence,
-                        "status": status,
-                        "step": 0,
-                        "started_at": now,
-                        "updated_at": now,
-                    }
-                    for n, (enrollment, sequence, status) in enumerate(
-                        [(1, "tips", "active"), (1, "other", "stopped"), (2, "other", "active")]
-                    )
-                ],
-            )
-            driver = (await connection.get_raw_connection()).driver_connection
-            await driver.set_trace_callback(statements.append)
-            asked = {(1, "tips"), (1, "other"), (2, "tips"), *((n, "tips") for n in range(3, 20))}
-            assert await _active_runs(connection, asked) == {(1, "tips")}
-    finally:
-        await db.close()
-    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    plans = sqlite3.connect(path)
-    try:
-        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
-    finally:
-        plans.close()
-    assert steps == ["SEARCH sequence_runs USING INDEX uq_sequence_runs_active (enrollment_id=?)"]
+    async with (
+        TracedSqlite(sqlite_template, tmp_path) as traced,
+        traced.db.write() as connection,
+    ):
+        await connection.execute(
+            insert(sequence_runs),
+            [
+                {
+                    "idempotency_key": f"run-{n}",
+                    "lead_id": enrollment,
+                    "enrollment_id": enrollment,
+                    "journey_id": "doors",
+                    "version": 1,
+                    "sequence": sequence,
+                    "status": status,
+                    "step": 0,
+                    "started_at": now,
+                    "updated_at": now,
+                }
+                for n, (enrollment, sequence, status) in enumerate(
+                    [(1, "tips", "active"), (1, "other", "stopped"), (2, "other", "active")]
+                )
+            ],
+        )
+        await traced.trace(connection)
+        asked = {(1, "tips"), (1, "other"), (2, "tips"), *((n, "tips") for n in range(3, 20))}
+        assert await _active_runs(connection, asked) == {(1, "tips")}
+    (lookup,) = traced.selects("sequence_runs")
+    assert traced.plan(lookup) == [
+        "SEARCH sequence_runs USING INDEX uq_sequence_runs_active (enrollment_id=?)"
+    ]
 
 
 async def test_on_sqlite_a_stops_pending_start_is_looked_up_by_lead(
@@ -439,9 +429,6 @@ async def test_on_sqlite_a_stops_pending_start_is_looked_up_by_lead(
     action and enrollment, SQLite walked every pending outbox row to find such starts;
     it must search the outbox of the stopping leads, and find only the starts that are
     pending, not ours, and earlier than the stop."""
-    path = tmp_path / "cjm.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite+aiosqlite:///{path}")
     now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
     rows = [  # id, lead (= enrollment), action, target, status
         (1, 1, "sequence.start", "tips", "pending"),  # held elsewhere: the stop waits
@@ -455,43 +442,36 @@ async def test_on_sqlite_a_stops_pending_start_is_looked_up_by_lead(
         (9, 5, "sequence.start", "tips", "pending"),  # after its stop
         *((n, n, "sequence.stop", "tips", "pending") for n in range(10, 30)),
     ]
-    statements: list[str] = []
-    try:
-        async with db.write() as connection:
-            await connection.execute(
-                insert(outbox),
-                [
-                    {
-                        "id": row_id,
-                        "idempotency_key": f"{lead}/{row_id}",
-                        "lead_id": lead,
-                        "enrollment_id": lead,
-                        "journey_id": "doors",
-                        "action": action,
-                        "target": target,
-                        "status": status,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for row_id, lead, action, target, status in rows
-                ],
+    async with (
+        TracedSqlite(sqlite_template, tmp_path) as traced,
+        traced.db.write() as connection,
+    ):
+        await connection.execute(
+            insert(outbox),
+            [
+                {
+                    "id": row_id,
+                    "idempotency_key": f"{lead}/{row_id}",
+                    "lead_id": lead,
+                    "enrollment_id": lead,
+                    "journey_id": "doors",
+                    "action": action,
+                    "target": target,
+                    "status": status,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for row_id, lead, action, target, status in rows
+            ],
+        )
+        claimed = [
+            SimpleNamespace(
+                id=row_id, lead_id=lead, enrollment_id=lead, action=action, target=target
             )
-            claimed = [
-                SimpleNamespace(
-                    id=row_id, lead_id=lead, enrollment_id=lead, action=action, target=target
-                )
-                for row_id, lead, action, target, _ in rows
-                if row_id in (3, *range(5, 9), *range(10, 30))
-            ]
-            driver = (await connection.get_raw_connection()).driver_connection
-            await driver.set_trace_callback(statements.append)
-            assert await _starts_elsewhere(connection, claimed) == {(1, "tips")}
-    finally:
-        await db.close()
-    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    plans = sqlite3.connect(path)
-    try:
-        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
-    finally:
-        plans.close()
-    assert steps == ["SEARCH outbox USING INDEX ix_outbox_lead_id (lead_id=?)"]
+            for row_id, lead, action, target, _ in rows
+            if row_id in (3, *range(5, 9), *range(10, 30))
+        ]
+        await traced.trace(connection)
+        assert await _starts_elsewhere(connection, claimed) == {(1, "tips")}
+    (lookup,) = traced.selects("outbox")
+    assert traced.plan(lookup) == ["SEARCH outbox USING INDEX ix_outbox_lead_id (lead_id=?)"]

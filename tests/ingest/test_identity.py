@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import sqlite3
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
@@ -23,6 +21,7 @@ from engine.ingest import identity
 from engine.ingest.identity import ANON, USER, Key, Route, plan_routes, resolve_leads
 from engine.ingest.inbox import Inbox
 from engine.ingest.messages import Message, MessageType, parse_message
+from tests.sqlite_plans import TracedSqlite
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -264,36 +263,25 @@ async def test_on_sqlite_storing_a_group_searches_identities_by_their_whole_key(
     by walking every user id in the table (the primary key's prefix `kind`), a cost
     that grew with the table: at a million leads, most of what storing a group took.
     Every query the inbox makes on identities must search an index by its whole key."""
-    path = tmp_path / "cjm.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    inbox = Inbox(db, ManualClock(NOW))
-    statements: list[str] = []
-    async with db.write() as connection:  # the writer's one connection, kept in its pool
-        driver = (await connection.get_raw_connection()).driver_connection
-        await driver.set_trace_callback(statements.append)
-    await inbox.start()
-    try:
-        # Groups of ten: from five ids on, SQLite chose the walk.
-        await inbox.accept([message("page", anon=f"a{n}") for n in range(10)])
-        await inbox.accept([message("identify", user=f"u{n}", anon=f"a{n}") for n in range(10)])
-        await inbox.accept([message(user=f"u{n}") for n in range(10)])
-    finally:
-        await inbox.stop()
-        await db.close()
+    async with TracedSqlite(sqlite_template, tmp_path) as traced:
+        inbox = Inbox(traced.db, ManualClock(NOW))
+        async with traced.db.write() as connection:
+            await traced.trace(connection)
+        await inbox.start()
+        try:
+            # Groups of ten: from five ids on, SQLite chose the walk.
+            await inbox.accept([message("page", anon=f"a{n}") for n in range(10)])
+            await inbox.accept([message("identify", user=f"u{n}", anon=f"a{n}") for n in range(10)])
+            await inbox.accept([message(user=f"u{n}") for n in range(10)])
+        finally:
+            await inbox.stop()
 
-    lookups = [
-        s for s in statements if s.lstrip().upper().startswith("SELECT") and "identities" in s
-    ]
-    assert len(lookups) >= 5, statements  # ids by value, then the leads' user ids, per group
-    plans = sqlite3.connect(path)
-    try:
-        for lookup in lookups:
-            steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
-            on_identities = [step for step in steps if " identities " in f"{step} "]
-            assert on_identities, (lookup, steps)
-            for step in on_identities:
-                assert step.startswith("SEARCH identities USING "), (lookup, steps)
-                assert step.endswith(("(kind=? AND value=?)", "(lead_id=?)")), (lookup, steps)
-    finally:
-        plans.close()
+    lookups = traced.selects("identities")
+    assert len(lookups) >= 5, traced.statements  # ids by value, then leads' user ids, per group
+    for lookup in lookups:
+        steps = traced.plan(lookup)
+        on_identities = [step for step in steps if " identities " in f"{step} "]
+        assert on_identities, (lookup, steps)
+        for step in on_identities:
+            assert step.startswith("SEARCH identities USING "), (lookup, steps)
+            assert step.endswith(("(kind=? AND value=?)", "(lead_id=?)")), (lookup, steps)

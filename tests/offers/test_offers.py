@@ -4,8 +4,6 @@ time, redeemed once by the API or by a tracked event, over each database."""
 from __future__ import annotations
 
 import re
-import shutil
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,11 +14,11 @@ import pytest
 
 from channels.offers.codes import ALPHABET
 from channels.offers.store import _held_offers
-from engine.db.database import Database
 from engine.db.schema import events, offer_codes
 from engine.journey import JourneyErrors
 from engine.journey.loader import load_journey_text
 from tests.email.conftest import ADMIN_KEY, Mail, SmtpServer, channel, running_mail
+from tests.sqlite_plans import TracedSqlite
 from tests.worker.conftest import app_client
 
 PROMO = """\
@@ -341,21 +339,12 @@ async def test_on_sqlite_the_codes_leads_hold_are_looked_up_by_lead(
     """SQLite plans without statistics: asked for some leads' usable codes by status
     and lead, it walked every usable code there is (the status index), a cost that
     grew with the codes granted. The lookup must search the index of the leads."""
-    path = tmp_path / "cjm.db"
-    shutil.copy(sqlite_template, path)
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    statements: list[str] = []
-    try:
-        async with db.write() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
-            await driver.set_trace_callback(statements.append)
-            assert await _held_offers(connection, set(range(1, 21))) == set()
-    finally:
-        await db.close()
-    (lookup,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    plans = sqlite3.connect(path)
-    try:
-        steps = [row[3] for row in plans.execute(f"EXPLAIN QUERY PLAN {lookup}")]
-    finally:
-        plans.close()
+    async with (
+        TracedSqlite(sqlite_template, tmp_path) as traced,
+        traced.db.write() as connection,
+    ):
+        await traced.trace(connection)
+        assert await _held_offers(connection, set(range(1, 21))) == set()
+    (lookup,) = traced.selects("offers")
+    steps = traced.plan(lookup)
     assert steps == ["SEARCH offers USING INDEX ix_offers_lead (lead_id=?)"], (lookup, steps)
