@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
 
@@ -219,9 +218,12 @@ async def select_known_identities(
 ) -> dict[Key, int]:
     known: dict[Key, int] = {}
     for kind in (USER, ANON):
-        values = sorted(value for key_kind, value in keys if key_kind == kind)
-        found = await _select_identities(
-            connection, "value, lead_id", kind, "value", values, "text"
+        found = await rows_for_ids(
+            connection,
+            f"SELECT value, lead_id FROM {identities.name} WHERE kind = ? AND value IN ({{ids}})",
+            (kind,),
+            sorted(value for key_kind, value in keys if key_kind == kind),
+            sql_type="text",
         )
         known.update(((kind, value), lead_id) for value, lead_id in found)
     return known
@@ -240,30 +242,11 @@ async def select_identified_leads(
     """
     found = await rows_for_ids(
         connection,
-        "SELECT lead_id, kind FROM identities WHERE lead_id IN ({ids})",
+        f"SELECT lead_id, kind FROM {identities.name} WHERE lead_id IN ({{ids}})",
         (),
         sorted(lead_ids),
     )
     return {lead_id for lead_id, kind in found if kind == USER}
-
-
-async def _select_identities(
-    connection: SqlConnection,
-    columns: str,
-    kind: str,
-    column: str,
-    values: Sequence[Any],
-    sql_type: str,
-) -> list[tuple[Any, ...]]:
-    """`columns` of the identities of `kind` whose `column` (of `sql_type`) is among
-    `values`."""
-    return await rows_for_ids(
-        connection,
-        f"SELECT {columns} FROM {identities.name} WHERE kind = ? AND {column} IN ({{ids}})",
-        (kind,),
-        values,
-        sql_type=sql_type,
-    )
 
 
 LEAD_COLUMNS = ("created_at", "updated_at", "traits")
