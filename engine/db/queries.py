@@ -217,6 +217,24 @@ def in_list(
     return ",".join("?" * len(values)), tuple(values)
 
 
+def among_list(
+    connection: SqlConnection, values: Sequence[Any], sql_type: str = "bigint"
+) -> tuple[str, tuple[Any, ...]]:
+    """What follows a column to say it holds one of `values` (`id <this>`), as driver SQL
+    with its parameters, as `among` writes it: on PostgreSQL `= ANY(?::bigint[])`, on
+    SQLite `IN (?, ...)`.
+
+    On PostgreSQL, `IN (SELECT unnest(...))` is a join, which the planner may order
+    either way; `= ANY` can only be met by searching an index on the column for each
+    value (or by a scan). Use it where a join planned on stale statistics would walk a
+    partial index: for the pending events, statistics gathered while few were pending
+    made every batch walk all of them during the next burst.
+    """
+    if connection.dialect.name == "postgresql":
+        return f"= ANY(?::{sql_type}[])", (list(values),)
+    return f"IN ({','.join('?' * len(values))})", tuple(values)
+
+
 def micros(moment: datetime | None) -> int | None:
     """An instant as `Instant` stores it."""
     if moment is None:
@@ -239,13 +257,16 @@ async def _per_chunk(
     tail: Sequence[Any] = (),
     sql_type: str = "bigint",
 ) -> AsyncIterator[SqlResult]:
-    """Run `statement` (`?` placeholders), whose `{ids}` is the list of an IN, for `ids`
-    (of `sql_type`) in chunks, with the parameters `head` before the list and `tail`
-    after it."""
+    """Run `statement` (`?` placeholders) for `ids` (of `sql_type`) in chunks, with the
+    parameters `head` before the list and `tail` after it. The statement names the
+    list either as `{ids}`, the list of an IN (`in_list`), or as `{among}`, all that
+    follows the column (`among_list`)."""
+    listing = among_list if "{among}" in statement else in_list
     for part in chunks(ids):
-        listed, parameters = in_list(connection, part, sql_type)
+        listed, parameters = listing(connection, part, sql_type)
         yield await connection.exec_driver_sql(
-            driver_sql(connection, statement.format(ids=listed)), (*head, *parameters, *tail)
+            driver_sql(connection, statement.format(ids=listed, among=listed)),
+            (*head, *parameters, *tail),
         )
 
 
@@ -281,7 +302,8 @@ async def reserve_ids(connection: SqlConnection, table: Table, count: int) -> li
     to write explicitly when the rows must be inserted in another order than the one
     their ids should keep."""
     result = await connection.exec_driver_sql(
-        f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id'))"
+        # The sequence's name looked up once (a subquery), not once per value.
+        f"SELECT nextval((SELECT pg_get_serial_sequence('{table.name}', 'id')))"
         " FROM generate_series(1, $1::INTEGER)",
         (count,),
     )
@@ -549,6 +571,14 @@ async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> li
     ]
 
 
+# "Not processed yet", written so that it does not match `ix_events_pending`'s condition
+# (`processed_at IS NULL`): the index cannot serve a query with it, which is then
+# answered through the leads' own events (`ix_events_lead_id_timestamp`). PostgreSQL
+# planned on statistics from a quiet moment believes that index holds a handful of
+# rows, and walked all of it (every pending event: 100,000 in a burst) per batch.
+STILL_PENDING = "(processed_at IS NULL) IS NOT FALSE"
+
+
 async def load_pending_events(
     connection: AsyncConnection, lead_ids: Sequence[int], limit: int
 ) -> list[EventRow]:
@@ -559,7 +589,7 @@ async def load_pending_events(
         rows += await rows_for_ids(
             connection,
             "SELECT id, lead_id, name, timestamp, message_id, data FROM events"
-            " WHERE lead_id IN ({ids}) AND processed_at IS NULL"
+            f" WHERE lead_id {{among}} AND {STILL_PENDING}"
             " ORDER BY lead_id, timestamp, id LIMIT ?",
             (),
             part,
@@ -659,8 +689,7 @@ async def mark_processed(
 ) -> None:
     marked = await _where_id_in(
         connection,
-        "UPDATE events SET processed_at = ?, error = ?"
-        " WHERE processed_at IS NULL AND id IN ({ids})",
+        "UPDATE events SET processed_at = ?, error = ? WHERE processed_at IS NULL AND id {among}",
         (micros(now), error),
         event_ids,
     )

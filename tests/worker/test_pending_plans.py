@@ -1,0 +1,142 @@
+"""The worker's reads and writes of pending events as each database plans them.
+
+A burst of events after a quiet moment: statistics gathered while few events were
+pending say the index of pending events (`ix_events_pending`, partial) holds a handful
+of rows, and in the burst it holds all of them. Asked as joins (`IN (SELECT
+unnest(...))`), PostgreSQL planned on such statistics walked that index once per id
+of a batch: with 92,000 events pending, 75 s to mark one batch's events processed and
+6 s to load them. The statements must search by the batch's own ids whatever the
+statistics say. SQLite plans without statistics; its plans are checked too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from engine.db import queries
+from engine.db.database import Database
+from engine.db.types import from_micros, to_micros
+from tests.conftest import BACKENDS, fresh_postgres_database
+
+NOW = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+QUIET_LEADS = range(1, 2_001)  # three processed events each, when statistics are taken
+BURST_LEADS = range(2_001, 2_401)  # then five pending events each
+BATCH = list(BURST_LEADS)[:100]
+
+
+@pytest.fixture(params=BACKENDS)
+def plan_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of its own: the statistics taken here must not outlive the test."""
+    if request.param == "sqlite":
+        path = tmp_path / "cjm.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+    else:
+        with fresh_postgres_database("cjm_plans") as url:
+            yield url
+
+
+@pytest.fixture
+async def burst(plan_database: str) -> AsyncIterator[Database]:
+    """Events processed, statistics taken (PostgreSQL), then a burst of pending events."""
+    db = Database(plan_database)
+    insert = text(
+        "INSERT INTO events (message_id, lead_id, type, name, timestamp, received_at, data,"
+        " processed_at) VALUES (:message_id, :lead_id, 'track', 'viewed', :at, :at, '{}',"
+        " :processed_at)"
+    )
+
+    def rows(leads: range, each: int, processed: bool) -> list[dict[str, Any]]:
+        at = to_micros(NOW)
+        return [
+            {
+                "message_id": f"m-{lead}-{k}",
+                "lead_id": lead,
+                "at": at + k,
+                "processed_at": at if processed else None,
+            }
+            for lead in leads
+            for k in range(each)
+        ]
+
+    try:
+        async with db.write() as connection:
+            await connection.execute(insert, rows(QUIET_LEADS, 3, processed=True))
+        if not db.is_sqlite:  # cjm runs no ANALYZE on SQLite, and plans there without
+            async with db.write() as connection:
+                await connection.execute(text("ANALYZE events"))
+        async with db.write() as connection:
+            await connection.execute(insert, rows(BURST_LEADS, 5, processed=False))
+        yield db
+    finally:
+        await db.close()
+
+
+async def plans_of(db: Database, run: Any) -> list[str]:
+    """The plan of each statement `run(connection)` executes on events, explained on the
+    same cursor with the same parameters just before it runs."""
+    plans: list[str] = []
+    explain = "EXPLAIN QUERY PLAN " if db.is_sqlite else "EXPLAIN "
+
+    def before(
+        _conn: Any, cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if " events " in f" {statement} ":
+            cursor.execute(explain + statement, parameters)
+            plans.append("\n".join(" ".join(map(str, row)) for row in cursor.fetchall()))
+
+    async with db.write() as connection:
+        if not db.is_sqlite:
+            # A table this small is cheapest read whole; what is asked is which index
+            # the statement searches, and how.
+            await connection.execute(text("SET LOCAL enable_seqscan = off"))
+        event.listen(connection.sync_connection, "before_cursor_execute", before)
+        await run(connection)
+    assert plans, "no statement on events was run"
+    return plans
+
+
+async def test_a_batch_pending_events_are_found_through_its_leads(burst: Database) -> None:
+    found: list[queries.EventRow] = []
+
+    async def load(connection: Any) -> None:
+        found.extend(await queries.load_pending_events(connection, BATCH, 10_000))
+
+    for plan in await plans_of(burst, load):
+        assert "ix_events_lead_id_timestamp" in plan, plan
+        assert "ix_events_pending" not in plan, plan
+        if burst.is_sqlite:
+            assert "(lead_id=?)" in plan, plan
+        else:
+            assert "Index Cond: (lead_id = ANY" in plan, plan
+    # All of the batch's pending events, none of another lead's, none processed.
+    assert sorted((row.lead_id, row.timestamp) for row in found) == sorted(
+        (lead, from_micros(to_micros(NOW) + k)) for lead in BATCH for k in range(5)
+    )
+
+
+async def test_a_batch_events_are_marked_processed_by_their_ids(burst: Database) -> None:
+    async with burst.read() as connection:
+        pending = await queries.load_pending_events(connection, BATCH, 10_000)
+    ids = [row.id for row in pending]
+
+    async def mark(connection: Any) -> None:
+        await queries.mark_processed(connection, ids, NOW)
+
+    for plan in await plans_of(burst, mark):
+        assert "Join" not in plan and "SCAN" not in plan, plan
+        if burst.is_sqlite:
+            assert "(rowid=?)" in plan or "(id=?)" in plan, plan
+        else:
+            assert "Index Cond: (id = ANY" in plan, plan
+    async with burst.read() as connection:
+        left = await queries.load_pending_events(connection, list(BURST_LEADS), 10_000)
+    assert len(left) == 5 * (len(BURST_LEADS) - len(BATCH))
+    assert not {row.lead_id for row in left} & set(BATCH)
