@@ -73,12 +73,14 @@ class Event(Base):
             sqlite_where=text("processed_at IS NULL"),
             postgresql_where=text("processed_at IS NULL"),
         ),
-        # Pending events that merge two leads: rare, and looked up for every batch.
+        # Events that merge two leads: rare, and a batch's pending ones are looked up
+        # for every batch. Processed ones too: a condition naming `processed_at` would
+        # let that lookup be planned through ix_events_pending (queries.STILL_PENDING).
         Index(
-            "ix_events_pending_merges",
+            "ix_events_merges",
             "lead_id",
-            sqlite_where=text("processed_at IS NULL AND merge_lead_id IS NOT NULL"),
-            postgresql_where=text("processed_at IS NULL AND merge_lead_id IS NOT NULL"),
+            sqlite_where=text("merge_lead_id IS NOT NULL"),
+            postgresql_where=text("merge_lead_id IS NOT NULL"),
         ),
     )
 

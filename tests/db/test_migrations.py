@@ -129,7 +129,7 @@ async def test_migrations_create_the_declared_partial_index_predicates(
     }
     assert partial == {
         "ix_events_pending",
-        "ix_events_pending_merges",
+        "ix_events_merges",
         "uq_enrollments_active",
         "uq_sequence_runs_active",
         "ix_audience_members_unsequenced",

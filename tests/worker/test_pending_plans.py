@@ -5,8 +5,9 @@ pending say the index of pending events (`ix_events_pending`, partial) holds a h
 of rows, and in the burst it holds all of them. Asked as joins (`IN (SELECT
 unnest(...))`), PostgreSQL planned on such statistics walked that index once per id
 of a batch: with 92,000 events pending, 75 s to mark one batch's events processed and
-6 s to load them. The statements must search by the batch's own ids whatever the
-statistics say. SQLite plans without statistics; its plans are checked too.
+6 s to load them; looking for the batch's merges walked it once per batch. The
+statements must search by the batch's own ids whatever the statistics say. SQLite
+plans without statistics; its plans are checked too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ BURST_LEADS = range(2_001, 2_401)  # then five pending events each
 BATCH = list(BURST_LEADS)[:100]
 
 
+def merged_into(lead: int) -> int:
+    """The lead a lead's first event says is the same person (a lead of a million on)."""
+    return 1_000_000 + lead
+
+
 @pytest.fixture(params=BACKENDS)
 def plan_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database of its own: the statistics taken here must not outlive the test."""
@@ -49,8 +55,8 @@ async def burst(plan_database: str) -> AsyncIterator[Database]:
     db = Database(plan_database)
     insert = text(
         "INSERT INTO events (message_id, lead_id, type, name, timestamp, received_at, data,"
-        " processed_at) VALUES (:message_id, :lead_id, 'track', 'viewed', :at, :at, '{}',"
-        " :processed_at)"
+        " merge_lead_id, processed_at) VALUES (:message_id, :lead_id, 'track', 'viewed', :at,"
+        " :at, '{}', :merge_lead_id, :processed_at)"
     )
 
     def rows(leads: range, each: int, processed: bool) -> list[dict[str, Any]]:
@@ -60,6 +66,8 @@ async def burst(plan_database: str) -> AsyncIterator[Database]:
                 "message_id": f"m-{lead}-{k}",
                 "lead_id": lead,
                 "at": at + k,
+                # Each lead's first event merges another lead into it.
+                "merge_lead_id": merged_into(lead) if k == 0 else None,
                 "processed_at": at if processed else None,
             }
             for lead in leads
@@ -74,6 +82,13 @@ async def burst(plan_database: str) -> AsyncIterator[Database]:
                 await connection.execute(text("ANALYZE events"))
         async with db.write() as connection:
             await connection.execute(insert, rows(BURST_LEADS, 5, processed=False))
+            await connection.execute(
+                text(
+                    "INSERT INTO leads (id, created_at, updated_at, traits)"
+                    " VALUES (:id, 0, 0, '{}')"
+                ),
+                [{"id": lead} for lead in (*QUIET_LEADS, *BURST_LEADS)],
+            )
         yield db
     finally:
         await db.close()
@@ -140,3 +155,20 @@ async def test_a_batch_events_are_marked_processed_by_their_ids(burst: Database)
         left = await queries.load_pending_events(connection, list(BURST_LEADS), 10_000)
     assert len(left) == 5 * (len(BURST_LEADS) - len(BATCH))
     assert not {row.lead_id for row in left} & set(BATCH)
+
+
+async def test_a_batch_pending_merges_are_found_in_the_index_of_merges(burst: Database) -> None:
+    found: list[tuple[int, int]] = []
+
+    async def merges(connection: Any) -> None:
+        found.extend(await queries.merges_pending(connection, BATCH + list(QUIET_LEADS)[:50]))
+
+    for plan in await plans_of(burst, merges):
+        assert "ix_events_merges" in plan, plan
+        assert "ix_events_pending" not in plan, plan
+        if burst.is_sqlite:
+            assert "(lead_id=?)" in plan, plan
+        else:
+            assert "Index Cond: (lead_id = ANY" in plan, plan
+    # The batch's pending merges; the quiet leads' were processed.
+    assert sorted(found) == [(lead, merged_into(lead)) for lead in BATCH]
