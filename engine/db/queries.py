@@ -226,10 +226,13 @@ def among_list(
     SQLite `IN (?, ...)`.
 
     On PostgreSQL, `IN (SELECT unnest(...))` is a join, which the planner may order
-    either way; `= ANY` can only be met by searching an index on the column for each
-    value (or by a scan). Use it where a join planned on stale statistics would walk a
-    partial index: for the pending events, statistics gathered while few were pending
-    made every batch walk all of them during the next burst.
+    either way; `= ANY` is met by searching an index on the column for each value, or
+    tested on each row of another path. Use it where the join, planned on stale
+    statistics, would walk a partial index: for the pending events, statistics
+    gathered while few were pending made every batch walk all of them in the next
+    burst. Not everywhere: where the planner believes another path small (the prefix
+    `kind` of a never analyzed identities table), it tests `= ANY` on each of that
+    path's rows, far more slowly than the join matches them (bench/README.md).
     """
     if connection.dialect.name == "postgresql":
         return f"= ANY(?::{sql_type}[])", (list(values),)
