@@ -5,6 +5,7 @@ databases; on SQLite, work that awaits anything but its statements is refused.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from engine.db import database
 from engine.db.database import Database, SqlConnection
 from engine.db.queries import driver_sql, execute_rows
 
@@ -125,3 +127,92 @@ async def test_rows_returned_but_never_fetched_are_stored_all_the_same(db: Datab
 
     assert await db.write_sql(work) == 3
     assert len(await lead_ids(db)) == 3
+
+
+async def test_a_write_cancelled_half_way_leaves_nothing_and_the_next_ones_go_on(
+    db: Database,
+) -> None:
+    """A task cancelled inside its transaction (a shutdown, a timeout) gives the writer
+    back rolled back: the writes after it, of either kind, are neither refused nor
+    part of its transaction."""
+    inside = asyncio.Event()
+
+    async def cancelled_half_way() -> None:
+        async with db.write() as connection:
+            await insert_lead(connection)
+            inside.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(cancelled_half_way())
+    await asyncio.wait_for(inside.wait(), 10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    assert await lead_ids(db) == []
+    kept = [await asyncio.wait_for(db.write_sql(insert_lead), 10)]
+    async with db.write() as connection:
+        kept.append(await insert_lead(connection))
+    assert await lead_ids(db) == sorted(kept)
+
+
+async def test_on_sqlite_a_writer_connection_given_up_is_replaced(sqlite_db: Database) -> None:
+    """SQLAlchemy invalidates a connection it can no longer trust; the writer, held for
+    the process's life, is then opened again for the next write."""
+    with contextlib.suppress(Exception):
+        async with sqlite_db.write() as connection:
+            await insert_lead(connection)
+            await connection.invalidate()
+
+    assert await lead_ids(sqlite_db) == []
+    kept = await sqlite_db.write_sql(insert_lead)
+    async with sqlite_db.write() as connection:
+        also = await insert_lead(connection)
+    assert await lead_ids(sqlite_db) == [kept, also]
+
+
+async def test_on_sqlite_closing_lets_a_write_under_way_end_first(sqlite_db: Database) -> None:
+    inside, finish = asyncio.Event(), asyncio.Event()
+
+    async def write_under_way() -> int:
+        async with sqlite_db.write() as connection:
+            lead_id = await insert_lead(connection)
+            inside.set()
+            await finish.wait()
+            return lead_id
+
+    writing = asyncio.create_task(write_under_way())
+    await asyncio.wait_for(inside.wait(), 10)
+    closing = asyncio.create_task(sqlite_db.close())
+    await asyncio.sleep(0.05)
+    finish.set()
+    kept = await asyncio.wait_for(writing, 10)
+    await asyncio.wait_for(closing, 10)
+
+    reopened = Database(sqlite_db.url)
+    try:
+        assert await lead_ids(reopened) == [kept]
+    finally:
+        await reopened.close()
+
+
+async def test_on_sqlite_closing_does_not_wait_forever_for_a_write(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database, "CLOSE_WAIT_S", 0.1)
+    inside = asyncio.Event()
+
+    async def write_that_never_ends() -> None:
+        async with sqlite_db.write() as connection:
+            await insert_lead(connection)
+            inside.set()
+            await asyncio.Event().wait()
+
+    writing = asyncio.create_task(write_that_never_ends())
+    await asyncio.wait_for(inside.wait(), 10)
+
+    await asyncio.wait_for(sqlite_db.close(), 10)
+
+    writing.cancel()
+    with contextlib.suppress(BaseException):
+        await writing
