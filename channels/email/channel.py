@@ -123,11 +123,8 @@ class EmailChannel:
                 handled += done
 
     async def send_all(self) -> int:
-        sent = 0
         async with self._sending:
-            while claimed := await self.sender.send_due():
-                sent += claimed
-        return sent
+            return await self.sender.send_all_due()
 
     async def _dispatch_job(self) -> None:
         try:

@@ -50,21 +50,23 @@ from channels.email.templates import EmailTemplates, OfferView
 from channels.email.transport import PermanentFailure, TransientFailure, Transport
 from channels.offers.store import GRANT, latest_offers
 from engine.clock import Clock
-from engine.db.database import Database
+from engine.db.database import Database, SqlConnection
 from engine.db.hashing import hashed_address
 from engine.db.queries import (
     OUTBOX_PENDING,
     among,
     chunks,
     execute_rows,
+    insert_rows,
     micros,
+    rows_for_ids,
     select_survivors,
-    upsert,
 )
 from engine.db.schema import (
     EMAIL_QUEUE,
     emails,
     enrollments,
+    leads,
     sequence_runs,
     suppressions,
 )
@@ -89,6 +91,10 @@ SEND_MARGIN = timedelta(seconds=5)
 # Pauses between tries to record an outcome while the database is away: half a minute
 # in all, enough for a restart; beyond it, the email goes out again once its lease expires.
 RECORD_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+# How long a group of outcomes gathers before it is recorded, unless every email of
+# the batch is in sooner. A transaction costs more than recording a few outcomes in it,
+# and nothing waits on the record: each email's slot was freed when SMTP answered.
+GROUP_LINGER_S = 0.02
 MAX_ATTEMPTS = 8
 FIRST_RETRY = timedelta(seconds=30)
 LONGEST_RETRY = timedelta(hours=1)
@@ -122,6 +128,30 @@ class Outcome:
     event: str | None = None  # the internal event reporting it, if any
     suppress: bool = False  # the address bounced: never mail it again
     attempted: bool = False  # handed to the transport: counts as an attempt
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A claimed batch: how many emails were due, those leased to be sent now (the rest
+    were held back), the lease, and the leads the claim read."""
+
+    due: int
+    ready: list[Any]
+    lease: Lease
+    lead_rows: dict[int, Any]  # the survivors the claim read, by the id the emails name
+
+
+# What the sender reads of a lead: its traits (the address, the timezone, what
+# templates show).
+LEAD_COLUMNS = (leads.c.traits,)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ended_well(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 class Lease:
@@ -178,6 +208,7 @@ class Sender:
         rng: random.Random | None = None,
         cap: FrequencyCap | None = None,
         zone: ZoneInfo | None = None,
+        record_linger_s: float = GROUP_LINGER_S,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -194,29 +225,87 @@ class Sender:
         self._rng = rng or random.Random()
         self.cap = cap  # on sequence emails, across journeys
         self.zone = zone or ZoneInfo("UTC")  # for leads without a `timezone` trait
+        self.record_linger_s = record_linger_s
 
     async def send_due(self) -> int:
         """Claim one batch of due emails and settle each; returns how many were due.
 
         Nurture emails outside their sequence's sending window, or over the lead's
         frequency cap, are deferred to when they may go instead of being sent."""
+        batch = await self._claim()
+        await self._send(batch)
+        return batch.due
+
+    async def send_all_due(self) -> int:
+        """Send batch after batch until none is due; returns how many were due.
+
+        The next batch is claimed as soon as every email of the current one has its slot
+        to SMTP, while the last of them are still on their way: the connections do not
+        idle while one batch ends and the next is claimed and read. So at most two
+        batches are under way at once, and the slots bound the emails in flight across
+        both. A batch that fails is reported once every batch under way has ended.
+        """
+        due = 0
+        sending: list[asyncio.Task[None]] = []
+        try:
+            while (batch := await self._claim()).due:
+                due += batch.due
+                all_in_slots = asyncio.Event()
+                sending.append(asyncio.create_task(self._send(batch, all_in_slots.set)))
+                waiting = asyncio.ensure_future(all_in_slots.wait())
+                await asyncio.wait((sending[-1], waiting), return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                # Those ended well are let go: a long run must not keep every batch's rows.
+                sending = [task for task in sending if not _ended_well(task)]
+        except asyncio.CancelledError:
+            for task in sending:
+                task.cancel()
+            raise
+        finally:
+            ended = await asyncio.gather(*sending, return_exceptions=True)
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return due
+
+    async def _claim(self) -> _Batch:
+        """Lease the next batch of due emails (holding back those that must wait)."""
         now = self.clock.now()
         lease = Lease(now + LEASE)
         async with self.db.write() as connection:
             due = await select_due_emails(connection, now, self.batch)
-            ready, held = await self._pace(connection, due, now)
+            ready, held, lead_rows = await self._pace(connection, due, now)
             await lease_emails(connection, [email.id for email in ready], lease.until, now)
             await hold_emails(connection, held, now)
+        return _Batch(len(due), ready, lease, lead_rows)
+
+    async def _send(self, batch: _Batch, all_in_slots: Callable[[], None] = _nothing) -> None:
+        """Settle every email of `batch`; `all_in_slots` is called once each has taken its
+        slot to SMTP (or needed none)."""
+        ready, lease = batch.ready, batch.lease
         if not ready:
-            return len(due)
-        addressees = await self._addressees(ready)
+            all_in_slots()
+            return
+        addressees = await self._addressees(ready, batch.lead_rows)
         unsettled = {email.id for email in ready}
-        outcomes = _GroupCommit(lambda group: self._record_all(group, lease))
+        outcomes = GroupCommit(
+            lambda group: self._record_all(group, lease), len(ready), self.record_linger_s
+        )
+        without_slot = len(ready)
+
+        def slot_taken() -> None:
+            nonlocal without_slot
+            without_slot -= 1
+            if not without_slot:
+                all_in_slots()
+
         renewing = asyncio.create_task(self._renew(lease, unsettled))
         try:
             await asyncio.gather(
                 *(
-                    self._settle(email, addressees.get(email.id), lease, unsettled, outcomes)
+                    self._settle(
+                        email, addressees.get(email.id), lease, unsettled, outcomes, slot_taken
+                    )
                     for email in ready
                 )
             )
@@ -225,13 +314,16 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
             await outcomes.flushed()
-        return len(due)
 
-    async def _addressees(self, ready: list[Any]) -> dict[int, Addressee]:
+    async def _addressees(self, ready: list[Any], known: Mapping[int, Any]) -> dict[int, Addressee]:
         """What composing each email needs, by email id (none for an email whose lead
-        is gone): read for the whole batch at once, just after it was claimed."""
+        is gone): read for the whole batch at once, just after it was claimed. `known`
+        holds the leads the claim read already (`_pace`), by the id the emails name."""
         async with self.db.read() as connection:
-            survivors = await select_survivors(connection, {email.lead_id for email in ready})
+            survivors = {**known}
+            unknown = {email.lead_id for email in ready} - known.keys()
+            if unknown:
+                survivors |= await select_survivors(connection, unknown, LEAD_COLUMNS)
             addresses = {lead.id: _address(lead.traits) for lead in survivors.values()}
             reasons = await select_suppressions(
                 connection, {address.lower() for address in addresses.values() if address}
@@ -282,16 +374,24 @@ class Sender:
 
     async def _pace(
         self, connection: AsyncConnection, due: list[Any], now: datetime
-    ) -> tuple[list[Any], list[Held]]:
-        """Split due emails into those that go now and those held for later. Only
+    ) -> tuple[list[Any], list[Held], dict[int, Any]]:
+        """Split due emails into those that go now and those held for later, and give
+        the leads read to decide (their survivors, by the id the emails name). Only
         sequence emails are paced: a single `email.send` answers something the lead
         just did (an order, a sign-up) and goes at once."""
         nurture = [email for email in due if email.sequence_run_id is not None]
         if not nurture:
-            return due, []
+            return due, [], {}
         lead_ids = {email.lead_id for email in nurture}
         windows = {email.id: self._window(email) for email in nurture}
-        zones = await self._zones(connection, lead_ids) if any(windows.values()) else {}
+        lead_rows: dict[int, Any] = {}
+        zones: dict[int, ZoneInfo] = {}
+        if any(windows.values()):
+            lead_rows = await select_survivors(connection, lead_ids, LEAD_COLUMNS)
+            zones = {
+                lead_id: lead_zone(lead.traits.get("timezone"), self.zone)
+                for lead_id, lead in lead_rows.items()
+            }
         recent: dict[int, list[datetime]] = {}
         if self.cap is not None:
             await lock_leads_for_cap(connection, lead_ids)
@@ -316,20 +416,12 @@ class Sender:
                     continue
                 sends.append(now)
             ready.append(email)
-        return ready, held
+        return ready, held, lead_rows
 
     def _window(self, email: Any) -> Window | None:
         journey = self.book.versions.get((email.journey_id, email.run_version))
         sequence = journey.sequences.get(email.sequence) if journey is not None else None
         return sequence.window if sequence is not None else None
-
-    async def _zones(self, connection: AsyncConnection, lead_ids: set[int]) -> dict[int, ZoneInfo]:
-        """Each lead's own timezone (the `timezone` trait), where it names one."""
-        survivors = await select_survivors(connection, lead_ids)
-        return {
-            lead_id: lead_zone(lead.traits.get("timezone"), self.zone)
-            for lead_id, lead in survivors.items()
-        }
 
     async def _settle(
         self,
@@ -337,22 +429,28 @@ class Sender:
         addressee: Addressee | None,
         lease: Lease,
         unsettled: set[int],
-        outcomes: _GroupCommit,
+        outcomes: GroupCommit,
+        slot_taken: Callable[[], None],
     ) -> None:
+        handed_in = False
         try:
             async with self._slots:  # bounds the emails on their way to SMTP, not the records
+                slot_taken()
                 if self.clock.now() + SEND_MARGIN >= lease.until:
                     # Waited for a slot until the lease (no longer renewed) is nearly
                     # over: another sender may take it any moment, so leave it to them.
                     log.warning("email %s: lease nearly expired, left for later", email.id)
                     return
                 outcome = await self._attempt(email, addressee)
+            handed_in = True
             await outcomes.record(email, outcome)
         except Exception:
             # The row keeps its lease and is tried again when it expires.
             log.exception("email %s: sending failed", email.id)
         finally:
             unsettled.discard(email.id)
+            if not handed_in:
+                outcomes.none_from(email)
 
     async def _record_all(self, group: list[tuple[Any, Outcome]], lease: Lease) -> None:
         """Record a group of outcomes in one transaction; if that fails, each on its own,
@@ -496,9 +594,13 @@ class Sender:
     async def _record(self, group: list[tuple[Any, Outcome]], lease: Lease) -> None:
         """Record each outcome of `group` whose email is still ours, in one transaction:
         the email's row, its run's next step, a bounced address, the internal event, and
-        last the KPI counts."""
+        last the KPI counts. All of it plain SQL, so on SQLite the transaction runs whole
+        in the driver's thread (`Database.write_sql`): a group is a handful of emails,
+        and a statement's trip through SQLAlchemy and the event loop cost more than the
+        statement."""
         now = self.clock.now()
-        async with self.db.write() as connection:
+
+        async def record(connection: SqlConnection) -> set[int]:
             ours = await select_still_ours(connection, [email.id for email, _ in group], lease)
             recorded = [(email, outcome) for email, outcome in group if email.id in ours]
             await update_outcomes(connection, recorded, lease, now)
@@ -513,11 +615,15 @@ class Sender:
             stopping = [run for run, status in runs if status == SUPPRESSED]
             await steps_settled(connection, going_on, stop=None, now=now)
             await steps_settled(connection, stopping, stop="address suppressed", now=now)
-            for _, outcome in recorded:
-                if outcome.suppress and outcome.to_address is not None:
-                    await insert_suppression(
-                        connection, outcome.to_address.lower(), "bounced", outcome.lead_id, now
-                    )
+            await insert_suppressions(
+                connection,
+                [
+                    (outcome.to_address.lower(), "bounced", outcome.lead_id)
+                    for _, outcome in recorded
+                    if outcome.suppress and outcome.to_address is not None
+                ],
+                now,
+            )
             await emit_all(
                 connection,
                 [
@@ -541,6 +647,9 @@ class Sender:
             )
             for (journey_id, template, counter), n in sorted(counts.items()):
                 await bump_email(connection, journey_id, day_of(now), template, counter, n)
+            return ours
+
+        ours = await self.db.write_sql(record)
         for email, outcome in group:
             if email.id in ours:
                 count_email(outcome.status)
@@ -564,30 +673,56 @@ def _kpi_counter(outcome: Outcome) -> str | None:
     return None
 
 
-class _GroupCommit:
-    """Outcomes recorded together: while one group is being written, the next gathers,
-    so a batch of emails costs a few transactions, not one each. `record()` returns once
-    its outcome's group has been written (or has failed: `write` reports that itself)."""
+class GroupCommit:
+    """The outcomes of one batch, recorded together: a group is written once every
+    email of the batch not yet recorded has handed in its outcome, or `linger_s` after
+    it started gathering, whichever comes first; while one group is written, the next
+    gathers. So a batch costs a few transactions, not one an email. `record()` returns
+    once its outcome's group has been written (or has failed: `write` reports that
+    itself)."""
 
-    def __init__(self, write: Callable[[list[tuple[Any, Outcome]]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[tuple[Any, Outcome]]], Awaitable[None]],
+        expected: int,
+        linger_s: float,
+    ) -> None:
         self._write = write
+        self._linger_s = linger_s
         self._waiting: list[tuple[Any, Outcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._outstanding = expected  # emails whose outcome has yet to be handed in
+        self._all_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if expected <= 0:
+            self._all_in.set_result(None)
 
     async def record(self, email: Any, outcome: Outcome) -> None:
         written = asyncio.get_running_loop().create_future()
         self._waiting.append((email, outcome, written))
+        self._handed_in()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_waiting())
         await written
+
+    def none_from(self, email: Any) -> None:
+        """`email` hands in no outcome (it was left for later): none is waited for."""
+        self._handed_in()
 
     async def flushed(self) -> None:
         """Once every outcome handed in so far is written, even if its caller was cancelled."""
         if self._writer is not None:
             await self._writer
 
+    def _handed_in(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding <= 0 and not self._all_in.done():
+            self._all_in.set_result(None)
+
     async def _write_waiting(self) -> None:
         while self._waiting:
+            if not self._all_in.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._all_in), self._linger_s)
             group, self._waiting = self._waiting, []
             try:
                 await self._write([(email, outcome) for email, outcome, _ in group])
@@ -741,27 +876,25 @@ async def select_capped_sends(
 
 
 async def select_still_ours(
-    connection: AsyncConnection, email_ids: list[int], lease: Lease
+    connection: SqlConnection, email_ids: list[int], lease: Lease
 ) -> set[int]:
     """Those of `email_ids` still `sending` under one of our lease values, locked until
     the commit (on PostgreSQL; SQLite's one writer holds them already)."""
-    ours: set[int] = set()
-    for part in chunks(email_ids):
-        result = await connection.execute(
-            select(emails.c.id)
-            .where(
-                among(connection, emails.c.id, part),
-                emails.c.status == SENDING,
-                emails.c.lease_until.in_(lease.values),
-            )
-            .with_for_update()
-        )
-        ours.update(result.scalars())
-    return ours
+    leases = ",".join("?" * len(lease.values))
+    lock = " FOR UPDATE" if connection.dialect.name == "postgresql" else ""
+    rows = await rows_for_ids(
+        connection,
+        f"SELECT id FROM emails WHERE id {{among}} AND status = '{SENDING}'"
+        f" AND lease_until IN ({leases}){lock}",
+        (),
+        email_ids,
+        [micros(value) for value in lease.values],
+    )
+    return {email_id for (email_id,) in rows}
 
 
 async def update_outcomes(
-    connection: AsyncConnection, recorded: list[tuple[Any, Outcome]], lease: Lease, now: datetime
+    connection: SqlConnection, recorded: list[tuple[Any, Outcome]], lease: Lease, now: datetime
 ) -> None:
     """Each email's row as its outcome leaves it, in one executemany. The lease is checked
     again, so a row that is no longer ours (select_still_ours) is never written."""
@@ -823,11 +956,15 @@ async def select_enrollment_versions(
     return {enrollment_id: version for enrollment_id, version in result}
 
 
-async def insert_suppression(
-    connection: AsyncConnection, address: str, reason: str, lead_id: int, now: datetime
+async def insert_suppressions(
+    connection: SqlConnection, rows: list[tuple[str, str, int]], now: datetime
 ) -> None:
-    """An address already suppressed keeps its first reason."""
-    await connection.execute(
-        upsert(connection, suppressions).on_conflict_do_nothing(index_elements=["email"]),
-        [{"email": address, "reason": reason, "lead_id": lead_id, "created_at": now}],
+    """Suppress each (address, reason, lead id); an address already suppressed keeps its
+    first reason."""
+    await insert_rows(
+        connection,
+        suppressions,
+        ("email", "reason", "lead_id", "created_at"),
+        [(*row, micros(now)) for row in rows],
+        " ON CONFLICT (email) DO NOTHING",
     )

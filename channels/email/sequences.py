@@ -26,17 +26,18 @@ from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from channels.email.outbox import insert_emails
+from engine.db.database import SqlConnection
 from engine.db.queries import (
     OUTBOX_PENDING,
-    among,
     chunks,
+    execute_for_ids,
     mark_outbox_dispatched,
     micros,
     rows_for_ids,
     update_rows,
     upsert,
 )
-from engine.db.schema import emails, enrollments, outbox, sequence_runs
+from engine.db.schema import enrollments, outbox, sequence_runs
 from engine.journey.model import EmailStep, WaitStep
 from engine.machine.book import JourneyBook
 
@@ -179,14 +180,18 @@ async def stop_lead_runs(
 
 
 async def cancel_emails(
-    connection: AsyncConnection, run_ids: list[int], reason: str, now: datetime
+    connection: SqlConnection, run_ids: list[int], reason: str, now: datetime
 ) -> None:
-    for part in chunks(run_ids):
-        await connection.execute(
-            update(emails)
-            .where(emails.c.sequence_run_id.in_(part), emails.c.status.in_(CANCELLABLE))
-            .values(status=CANCELLED, last_error=f"sequence stopped: {reason}", updated_at=now)
-        )
+    """Cancel the runs' emails that have not gone out (plain SQL: it runs in the sender's
+    `write_sql` transaction too)."""
+    cancellable = ", ".join(f"'{status}'" for status in CANCELLABLE)
+    await execute_for_ids(
+        connection,
+        f"UPDATE emails SET status = '{CANCELLED}', last_error = ?, updated_at = ?"
+        f" WHERE sequence_run_id IN ({{ids}}) AND status IN ({cancellable})",
+        (f"sequence stopped: {reason}", micros(now)),
+        run_ids,
+    )
 
 
 # --- walking the steps -------------------------------------------------------------------------
@@ -274,28 +279,31 @@ def _step_email(
 
 
 async def steps_settled(
-    connection: AsyncConnection, run_ids: Collection[int], *, stop: str | None, now: datetime
+    connection: SqlConnection, run_ids: Collection[int], *, stop: str | None, now: datetime
 ) -> None:
     """The sender settled the email of each run's current step: the runs go on from now,
-    or stop (`stop` gives the reason: the address is suppressed, say)."""
+    or stop (`stop` gives the reason: the address is suppressed, say). Plain SQL, for the
+    sender's `write_sql` transaction."""
     if not run_ids:
         return
+    at = micros(now)
+    settled = f"WHERE id {{among}} AND status = '{ACTIVE}' AND next_at IS NULL"
     if stop is None:
-        values: dict[str, Any] = {"next_at": now, "updated_at": now}
-    else:
-        values = {"status": STOPPED, "stop_reason": stop, "ended_at": now, "updated_at": now}
-    for part in chunks(list(run_ids)):
-        await connection.execute(
-            update(sequence_runs)
-            .where(
-                among(connection, sequence_runs.c.id, part),
-                sequence_runs.c.status == ACTIVE,
-                sequence_runs.c.next_at.is_(None),
-            )
-            .values(values)
+        await execute_for_ids(
+            connection,
+            f"UPDATE sequence_runs SET next_at = ?, updated_at = ? {settled}",
+            (at, at),
+            list(run_ids),
         )
-    if stop is not None:
-        await cancel_emails(connection, list(run_ids), stop, now)
+        return
+    await execute_for_ids(
+        connection,
+        f"UPDATE sequence_runs SET status = '{STOPPED}', stop_reason = ?, ended_at = ?,"
+        f" updated_at = ? {settled}",
+        (stop, at, at),
+        list(run_ids),
+    )
+    await cancel_emails(connection, list(run_ids), stop, now)
 
 
 # --- the queries -------------------------------------------------------------------------------

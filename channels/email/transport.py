@@ -88,7 +88,7 @@ class SmtpTransport:
     new one opened on next use.
     """
 
-    def __init__(self, url: str, *, concurrency: int = 4, timeout: float = 30) -> None:
+    def __init__(self, url: str, *, concurrency: int = 8, timeout: float = 30) -> None:
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"expected smtp://host[:port] or smtps://host[:port], got {url!r}")

@@ -274,7 +274,7 @@ async def _per_chunk(
         )
 
 
-async def _where_id_in(
+async def execute_for_ids(
     connection: SqlConnection, statement: str, head: Sequence[Any], ids: Sequence[int]
 ) -> int:
     """`_per_chunk` for a statement that changes rows: how many it changed."""
@@ -455,20 +455,25 @@ MAX_MERGE_DEPTH = 16
 
 
 async def select_survivors(
-    connection: AsyncConnection, lead_ids: Collection[int]
+    connection: AsyncConnection,
+    lead_ids: Collection[int],
+    columns: Sequence[ColumnElement[Any]] | None = None,
 ) -> dict[int, Any]:
     """For each id, the lead that survives it: itself, or the end of its `merged_into` chain.
 
-    Unknown ids are left out. One query per level of merging, usually one in all.
+    Unknown ids are left out. One query per level of merging, usually one in all. The
+    rows hold every column of `leads`, or only `columns` besides `id` and `merged_into`
+    (each column read costs its conversion, per row).
     """
+    statement = (
+        select(leads) if columns is None else select(leads.c.id, leads.c.merged_into, *columns)
+    )
     rows: dict[int, Any] = {}
     wanted = set(lead_ids)
     for _ in range(MAX_MERGE_DEPTH):
         if not wanted:
             break
-        result = await connection.execute(
-            select(leads).where(among(connection, leads.c.id, wanted))
-        )
+        result = await connection.execute(statement.where(among(connection, leads.c.id, wanted)))
         rows.update((row.id, row) for row in result)
         wanted = {
             row.merged_into
@@ -691,7 +696,7 @@ class AlreadyProcessed(RuntimeError):
 async def mark_processed(
     connection: AsyncConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
 ) -> None:
-    marked = await _where_id_in(
+    marked = await execute_for_ids(
         connection,
         "UPDATE events SET processed_at = ?, error = ? WHERE processed_at IS NULL AND id {among}",
         (micros(now), error),
@@ -899,11 +904,11 @@ async def insert_timers(connection: AsyncConnection, rows: Sequence[NewTimer]) -
 
 
 async def delete_timers(connection: AsyncConnection, timer_ids: Sequence[int]) -> None:
-    await _where_id_in(connection, "DELETE FROM timers WHERE id IN ({ids})", (), timer_ids)
+    await execute_for_ids(connection, "DELETE FROM timers WHERE id IN ({ids})", (), timer_ids)
 
 
 async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> None:
-    await _where_id_in(
+    await execute_for_ids(
         connection, "DELETE FROM timers WHERE enrollment_id IN ({ids})", (), enrollment_ids
     )
 
@@ -911,7 +916,7 @@ async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence
 async def postpone_timers(
     connection: AsyncConnection, timer_ids: Sequence[int], due_at: datetime
 ) -> None:
-    await _where_id_in(
+    await execute_for_ids(
         connection, "UPDATE timers SET due_at = ? WHERE id IN ({ids})", (micros(due_at),), timer_ids
     )
 
@@ -1011,7 +1016,7 @@ async def renumber_memberships(connection: AsyncConnection, lead_ids: Sequence[i
     """The leads' current memberships changed (their identifiers did): numbered again,
     so that the next sync of each audience sends them anew."""
     if lead_ids:
-        await _where_id_in(
+        await execute_for_ids(
             connection,
             "UPDATE audience_members SET seq = NULL"
             " WHERE removed_at IS NULL AND seq IS NOT NULL AND lead_id IN ({ids})",

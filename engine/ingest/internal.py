@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from engine.db.queries import upsert
+from engine.db.database import SqlConnection
+from engine.db.queries import insert_rows, json_text, micros
 from engine.db.schema import events
 from engine.journey.model import INTERNAL_EVENTS
 
@@ -29,7 +28,7 @@ class Fact:
 
 
 async def emit(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     *,
     lead_id: int,
     name: str,
@@ -41,26 +40,26 @@ async def emit(
     await emit_all(connection, [Fact(lead_id, name, properties, at, key)])
 
 
-async def emit_all(connection: AsyncConnection, facts: Sequence[Fact]) -> None:
-    """Record `facts` in the caller's transaction, in one statement."""
+FACT_COLUMNS = ("message_id", "lead_id", "type", "name", "timestamp", "received_at", "data")
+
+
+async def emit_all(connection: SqlConnection, facts: Sequence[Fact]) -> None:
+    """Record `facts` in the caller's transaction, in one statement of plain SQL (so it
+    can run in a `Database.write_sql` transaction)."""
     for fact in facts:
         if fact.name not in INTERNAL_EVENTS:
             raise ValueError(f"{fact.name!r} is not an internal event")
-    if not facts:
-        return
     rows = [
-        {
-            "message_id": f"cjm:{fact.key}",
-            "lead_id": fact.lead_id,
-            "type": "internal",
-            "name": fact.name,
-            "timestamp": fact.at,
-            "received_at": fact.at,
-            "data": {"properties": dict(fact.properties)},
-        }
+        (
+            f"cjm:{fact.key}",
+            fact.lead_id,
+            "internal",
+            fact.name,
+            micros(fact.at),
+            micros(fact.at),
+            json_text({"properties": dict(fact.properties)}),
+        )
         for fact in facts
     ]
-    statement = upsert(connection, events).on_conflict_do_nothing(
-        index_elements=[events.c.message_id]
-    )
-    await connection.execute(statement, rows)
+    suffix = " ON CONFLICT (message_id) DO NOTHING"
+    await insert_rows(connection, events, FACT_COLUMNS, rows, suffix)

@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from engine.db.database import Database
+from engine.db.database import Database, SqlConnection
 from engine.db.queries import chunks, execute_rows, insert_rows, rows_for_ids
 from engine.db.schema import (
     enrollments,
@@ -396,7 +396,7 @@ BACKFILL_LOCK = 0x6B7069
 
 
 async def bump_email(
-    connection: AsyncConnection, journey_id: str, day: int, template: str, counter: str, n: int = 1
+    connection: SqlConnection, journey_id: str, day: int, template: str, counter: str, n: int = 1
 ) -> None:
     """Count `n` emails of `template` on `day`: sent, opened, clicked, ..."""
     counts = dict.fromkeys(EMAIL_COUNTERS, 0)
@@ -411,7 +411,7 @@ async def bump_email(
 
 
 async def bump_offer(
-    connection: AsyncConnection, journey_id: str, day: int, offer: str, counter: str, n: int = 1
+    connection: SqlConnection, journey_id: str, day: int, offer: str, counter: str, n: int = 1
 ) -> None:
     """Count `n` codes of `offer` granted on `day`: granted, redeemed, expired, refused."""
     counts = dict.fromkeys(OFFER_COUNTERS, 0)
@@ -484,13 +484,13 @@ async def _write_figures(
     await deltas.write(connection)
 
 
-def _shard(connection: AsyncConnection) -> int:
+def _shard(connection: SqlConnection) -> int:
     # SQLite has one writer at a time: one row per key reads fastest.
     return random.randrange(SHARDS) if connection.dialect.name == "postgresql" else 0
 
 
 async def _add(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     table: Table,
     keys: Sequence[str],
     counters: Sequence[str],

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from datetime import timedelta
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import update
@@ -135,6 +138,73 @@ async def test_a_refused_recipient_fails_and_suppresses_the_address_for_later_em
     assert second.status == "suppressed"
     assert second.attempts == 0
     assert mail.smtp.recorder.envelopes == []
+
+
+async def test_a_batch_of_outcomes_is_recorded_in_one_transaction_once_all_are_in(
+    mail: Mail,
+) -> None:
+    """With a linger far longer than the bound on delivery, the one transaction shows the
+    group was written because every email of the batch was in, not because time ran out."""
+    lead_ids = [await mail.sign_up(f"u{n}", email=f"u{n}@example.com") for n in range(5)]
+    lead_ids.append(await mail.sign_up("anon", first_name="Nobody"))
+    sender = mail.runtime.email.sender
+    sender.record_linger_s = 60.0
+    groups: list[int] = []
+    record = sender._record
+
+    async def counted(group: list[Any], lease: Any) -> None:
+        groups.append(len(group))
+        await record(group, lease)
+
+    sender._record = counted  # type: ignore[method-assign]
+
+    await asyncio.wait_for(mail.deliver(), 20)
+
+    assert groups == [6]
+    statuses = [row.status for lead_id in lead_ids for row in await mail.emails(lead_id)]
+    assert statuses == ["sent"] * 5 + ["skipped"]
+    assert len(mail.smtp.recorder.envelopes) == 5
+    assert len(await mail.events_named("email.sent")) == 5
+
+
+async def test_the_next_batch_goes_out_while_the_last_email_of_one_is_still_sending(
+    mail: Mail,
+) -> None:
+    """Batches of one email: while the server holds the first message, the second is
+    claimed and sent beside it, rather than after the first batch has ended."""
+    for n in range(2):
+        await mail.sign_up(f"u{n}", email=f"u{n}@example.com")
+    mail.runtime.email.sender.batch = 1
+    release, first_held = threading.Event(), threading.Event()
+    recorder = mail.smtp.recorder
+    accept = recorder.handle_DATA
+
+    async def hold_the_first(server: Any, session: Any, envelope: Any) -> str:
+        if not first_held.is_set():
+            first_held.set()
+            for _ in range(1000):  # in the server's own loop; at most 10 s
+                if release.is_set():
+                    break
+                await asyncio.sleep(0.01)
+        return await accept(server, session, envelope)
+
+    recorder.handle_DATA = hold_the_first  # type: ignore[method-assign]
+    delivering = asyncio.create_task(mail.deliver())
+    try:
+        for _ in range(500):
+            if first_held.is_set() and recorder.envelopes:
+                break
+            await asyncio.sleep(0.01)
+        sent_beside = [envelope.rcpt_tos for envelope in recorder.envelopes]
+    finally:
+        release.set()
+        await asyncio.wait_for(delivering, 20)
+
+    assert len(sent_beside) == 1
+    assert sorted(envelope.rcpt_tos[0] for envelope in recorder.envelopes) == [
+        "u0@example.com",
+        "u1@example.com",
+    ]
 
 
 async def test_a_lead_without_an_email_address_is_skipped_once(mail: Mail) -> None:
