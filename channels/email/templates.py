@@ -102,11 +102,35 @@ class _Undefined(StrictUndefined):
         return super()._undefined_message
 
 
+class _Sandbox(SandboxedEnvironment):
+    """The sandbox, with `a.b` on the values templates read most found without the
+    exception Jinja's lookup raises first: the attribute it looks for before the item
+    does not exist on them. What a template gets is what Jinja's own lookup gives
+    (8% of rendering an email)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # Its values are items only, by design; a name of Python's own (`__class__`)
+        # goes to the sandbox, which refuses it as unsafe.
+        if type(obj) is Attributes and not attribute.startswith("_"):
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        # A plain dict has no attributes of its own: only its type's (`items`), which
+        # Jinja prefers to an item of the same name, and still does below.
+        if type(obj) is dict and not hasattr(dict, attribute):
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
 def _environment(directory: Path, *, autoescape: bool) -> SandboxedEnvironment:
     # Each file read once, not looked at again for every email: the templates are
     # checked when cjm starts (check_templates), and an edited one is taken, checked, at
     # the next start, as journeys are.
-    return SandboxedEnvironment(
+    return _Sandbox(
         loader=FileSystemLoader(directory),
         autoescape=autoescape,
         undefined=_Undefined,

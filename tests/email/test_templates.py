@@ -19,7 +19,7 @@ def write(directory: Path, name: str, body: str) -> Path:
     return path
 
 
-def render(directory: Path, name: str, **traits: str) -> RenderedEmail:
+def render(directory: Path, name: str, **traits: object) -> RenderedEmail:
     return EmailTemplates(directory).render(
         name,
         lead={"email": "ada@example.com", **traits},
@@ -88,6 +88,25 @@ def test_a_trait_without_default_is_undefined_for_a_lead_who_lacks_it(tmp_path: 
     assert render(tmp_path, "hello", city="Oslo").subject == "Hi Oslo"
     with pytest.raises(Exception, match=r"'lead\.city' is undefined"):
         render(tmp_path, "hello")
+
+
+def test_a_dot_finds_what_jinja_finds_a_trait_an_item_or_a_dicts_own_method(
+    tmp_path: Path,
+) -> None:
+    """`a.b` prefers an attribute to an item, as Jinja documents: a dict's `items` is
+    its method even when it holds an item so named; traits are items only."""
+    write(
+        tmp_path,
+        "hello",
+        '{% block subject %}{% set d = {"color": "red", "items": "listed"} %}'
+        "{{ d.color }} {{ d.items is callable }} {{ d['items'] }} {{ lead.items }}"
+        " {{ lead.address.city }} {{ d.missing is undefined }}{% endblock %}"
+        "{% block html %}x{% endblock %}",
+    )
+
+    rendered = render(tmp_path, "hello", items="two doors", address={"city": "Oslo"})
+
+    assert rendered.subject == "red True listed two doors Oslo True"
 
 
 @pytest.mark.parametrize(
