@@ -54,7 +54,7 @@ from engine.clock import ManualClock
 from engine.config import Settings
 from engine.db.schema import emails
 from engine.ingest.messages import parse_batch
-from engine.runtime import Runtime
+from engine.runtime import Runtime, tune_garbage_collector
 
 # A Tuesday at 10:00 UTC: inside door_tips' sending window (09:00-20:00, Monday to
 # Saturday) for leads without a timezone, so pacing holds no email back.
@@ -229,6 +229,7 @@ async def run(count: int, port: int, received: Synchronized[int]) -> dict[str, f
         # No background jobs: each step below runs when the one before it is done.
         runtime = Runtime(settings, clock=ManualClock(NOW), run_worker=False)
         await runtime.start()
+        tune_garbage_collector()  # as `cjm serve` and `cjm worker` do once started
         try:
             queuing = await queue_emails(runtime, count)
             messages = prepared(runtime, count)
