@@ -241,9 +241,9 @@ class Sender:
 
         The next batch is claimed as soon as every email of the current one has its slot
         to SMTP, while the last of them are still on their way: the connections do not
-        idle while one batch ends and the next is claimed and read. So at most two
-        batches are under way at once, and the slots bound the emails in flight across
-        both. A batch that fails is reported once every batch under way has ended.
+        idle while one batch ends and the next is claimed and read. The slots bound the
+        emails in flight across the batches under way. A batch that fails stops the
+        claiming, and is reported once every batch under way has ended.
         """
         due = 0
         sending: list[asyncio.Task[None]] = []
@@ -257,6 +257,8 @@ class Sender:
                 waiting.cancel()
                 # Those ended well are let go: a long run must not keep every batch's rows.
                 sending = [task for task in sending if not _ended_well(task)]
+                if any(task.done() for task in sending):
+                    break  # one failed
         except asyncio.CancelledError:
             for task in sending:
                 task.cancel()

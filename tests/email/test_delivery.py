@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import update
 
 from channels.email.sender import LEASE, MAX_ATTEMPTS, lease_emails, select_due_emails
@@ -205,6 +206,30 @@ async def test_the_next_batch_goes_out_while_the_last_email_of_one_is_still_send
         "u0@example.com",
         "u1@example.com",
     ]
+
+
+async def test_a_batch_that_fails_stops_the_claiming_and_is_reported(
+    mail: Mail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose leads cannot be read fails alone: no further batch is claimed
+    (each would lease its emails only to fail the same way), and the error reaches the
+    caller, which logs it and tries again at its next run."""
+    lead_ids = [await mail.sign_up(f"u{n}", email=f"u{n}@example.com") for n in range(3)]
+    await mail.runtime.email.dispatch_all()
+    sender = mail.runtime.email.sender
+    sender.batch = 1
+
+    async def unreadable(ready: Any, known: Any) -> Any:
+        raise RuntimeError("the leads could not be read")
+
+    monkeypatch.setattr(sender, "_addressees", unreadable)
+
+    with pytest.raises(RuntimeError, match="could not be read"):
+        await asyncio.wait_for(mail.runtime.email.send_all(), 20)
+
+    statuses = [row.status for lead_id in lead_ids for row in await mail.emails(lead_id)]
+    assert sorted(statuses) == ["queued", "queued", "sending"]
+    assert mail.smtp.recorder.envelopes == []
 
 
 async def test_a_lead_without_an_email_address_is_skipped_once(mail: Mail) -> None:
