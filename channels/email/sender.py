@@ -166,6 +166,12 @@ class Lease:
     def until(self) -> datetime:
         return self.values[-1]
 
+    def held(self) -> tuple[str, list[int | None]]:
+        """Plain SQL saying a row still holds one of the lease's values, and its
+        parameters: `lease_until IN (?, ...)`."""
+        placeholders = ",".join("?" * len(self.values))
+        return f"lease_until IN ({placeholders})", [micros(value) for value in self.values]
+
 
 @dataclass(frozen=True)
 class Held:
@@ -882,15 +888,14 @@ async def select_still_ours(
 ) -> set[int]:
     """Those of `email_ids` still `sending` under one of our lease values, locked until
     the commit (on PostgreSQL; SQLite's one writer holds them already)."""
-    leases = ",".join("?" * len(lease.values))
+    held, lease_values = lease.held()
     lock = " FOR UPDATE" if connection.dialect.name == "postgresql" else ""
     rows = await rows_for_ids(
         connection,
-        f"SELECT id FROM emails WHERE id {{among}} AND status = '{SENDING}'"
-        f" AND lease_until IN ({leases}){lock}",
+        f"SELECT id FROM emails WHERE id {{among}} AND status = '{SENDING}' AND {held}{lock}",
         (),
         email_ids,
-        [micros(value) for value in lease.values],
+        lease_values,
     )
     return {email_id for (email_id,) in rows}
 
@@ -915,14 +920,14 @@ async def update_outcomes(
         )
         for email, outcome in recorded
     ]
-    leases = ",".join("?" * len(lease.values))
+    held, lease_values = lease.held()
     await execute_rows(
         connection,
         "UPDATE emails SET status = ?, last_error = ?, to_address = ?, lease_until = NULL,"
         " updated_at = ?, attempts = ?, due_at = COALESCE(?, due_at),"
         " sent_at = COALESCE(?, sent_at), message_id = COALESCE(?, message_id)"
-        f" WHERE id = ? AND status = '{SENDING}' AND lease_until IN ({leases})",
-        [(*row, *(micros(value) for value in lease.values)) for row in rows],
+        f" WHERE id = ? AND status = '{SENDING}' AND {held}",
+        [(*row, *lease_values) for row in rows],
     )
 
 
