@@ -32,6 +32,23 @@ async def lead_ids(db: Database) -> list[int]:
         return list((await connection.scalars(text("SELECT id FROM leads ORDER BY id"))).all())
 
 
+async def write_held_open(db: Database, release: asyncio.Event) -> asyncio.Task[int]:
+    """A write that stores a lead, then waits for `release` inside its transaction; the
+    task, once it is inside."""
+    inside = asyncio.Event()
+
+    async def write() -> int:
+        async with db.write() as connection:
+            lead_id = await insert_lead(connection)
+            inside.set()
+            await release.wait()
+            return lead_id
+
+    task = asyncio.create_task(write())
+    await asyncio.wait_for(inside.wait(), 10)
+    return task
+
+
 @pytest.fixture
 async def sqlite_db(tmp_path: Path, sqlite_template: Path) -> AsyncIterator[Database]:
     path = tmp_path / "cjm.db"
@@ -135,16 +152,7 @@ async def test_a_write_cancelled_half_way_leaves_nothing_and_the_next_ones_go_on
     """A task cancelled inside its transaction (a shutdown, a timeout) gives the writer
     back rolled back: the writes after it, of either kind, are neither refused nor
     part of its transaction."""
-    inside = asyncio.Event()
-
-    async def cancelled_half_way() -> None:
-        async with db.write() as connection:
-            await insert_lead(connection)
-            inside.set()
-            await asyncio.Event().wait()
-
-    task = asyncio.create_task(cancelled_half_way())
-    await asyncio.wait_for(inside.wait(), 10)
+    task = await write_held_open(db, asyncio.Event())
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -172,17 +180,8 @@ async def test_on_sqlite_a_writer_connection_given_up_is_replaced(sqlite_db: Dat
 
 
 async def test_on_sqlite_closing_lets_a_write_under_way_end_first(sqlite_db: Database) -> None:
-    inside, finish = asyncio.Event(), asyncio.Event()
-
-    async def write_under_way() -> int:
-        async with sqlite_db.write() as connection:
-            lead_id = await insert_lead(connection)
-            inside.set()
-            await finish.wait()
-            return lead_id
-
-    writing = asyncio.create_task(write_under_way())
-    await asyncio.wait_for(inside.wait(), 10)
+    finish = asyncio.Event()
+    writing = await write_held_open(sqlite_db, finish)
     closing = asyncio.create_task(sqlite_db.close())
     await asyncio.sleep(0.05)
     finish.set()
@@ -200,16 +199,7 @@ async def test_on_sqlite_closing_does_not_wait_forever_for_a_write(
     sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(database, "CLOSE_WAIT_S", 0.1)
-    inside = asyncio.Event()
-
-    async def write_that_never_ends() -> None:
-        async with sqlite_db.write() as connection:
-            await insert_lead(connection)
-            inside.set()
-            await asyncio.Event().wait()
-
-    writing = asyncio.create_task(write_that_never_ends())
-    await asyncio.wait_for(inside.wait(), 10)
+    writing = await write_held_open(sqlite_db, asyncio.Event())  # never released
 
     await asyncio.wait_for(sqlite_db.close(), 10)
 
