@@ -9,7 +9,8 @@ fail the commit of the group it would have been written with.
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,7 +141,7 @@ def _checked_message(
     return Message(
         type=type_,
         name=name,
-        message_id=_identifier(payload, "messageId") or call_id or str(uuid.uuid4()),
+        message_id=_identifier(payload, "messageId") or call_id or time_ordered_id(),
         user_id=user_id,
         anonymous_id=anonymous_id,
         previous_id=previous_id,
@@ -150,6 +151,31 @@ def _checked_message(
         context=context,
         traits=traits,
     )
+
+
+def time_ordered_id() -> str:
+    """A new UUID of version 7 (RFC 9562): the milliseconds since the epoch, then 74
+    random bits; the id of a message sent without a `messageId`.
+
+    Ids made later sort later, to the millisecond, as text too. The inbox's unique
+    index on message ids then takes each new one at its end, on the few pages it holds
+    already, where a random id (version 4) lands on a page of its own somewhere in the
+    index: once that index outgrows the page cache, each event stored read a page and
+    wrote a page at its commit. Ingest to stage on SQLite, 300,000 leads x 5 events
+    without message ids: 4,569 ev/s with random ids, 5,976 with these
+    (bench/README.md). Unique as version 4 is in practice: two ids of the same
+    millisecond differ in 74 random bits.
+    """
+    random_bits = int.from_bytes(os.urandom(10), "big")  # 80 bits, of which 74 are kept
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76  # the version
+        | (random_bits >> 68) << 64
+        | 0b10 << 62  # the variant
+        | random_bits & ((1 << 62) - 1)
+    )
+    digits = f"{value:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def parse_batch(payload: object, received_at: datetime, *, call_id: str | None = None) -> Batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from engine.ingest.messages import (
     parse_batch,
     parse_json,
     parse_message,
+    time_ordered_id,
 )
 
 RECEIVED = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -51,9 +53,27 @@ def test_integer_ids_are_stringified() -> None:
     assert (message.user_id, message.anonymous_id, message.message_id) == ("42", "7", "99")
 
 
-def test_a_missing_message_id_is_generated_as_a_uuid4() -> None:
+def test_a_missing_message_id_is_generated_as_a_uuid7_of_now() -> None:
+    before = time.time_ns() // 1_000_000
     message = parse("track", userId="u1", event="x")
-    assert uuid.UUID(message.message_id).version == 4
+    after = time.time_ns() // 1_000_000
+    generated = uuid.UUID(message.message_id)
+    assert (generated.version, generated.variant) == (7, uuid.RFC_4122)
+    assert str(generated) == message.message_id  # the canonical text form
+    assert before <= generated.int >> 80 <= after  # its milliseconds since the epoch
+
+
+def test_generated_message_ids_sort_as_text_in_the_order_they_were_made() -> None:
+    """What keeps the inbox's unique index appending: a later id sorts later."""
+    made = []
+    for _ in range(5):
+        made.append(time_ordered_id())
+        time.sleep(0.002)  # the next one in a later millisecond
+    assert sorted(made) == made
+
+
+def test_generated_message_ids_of_one_millisecond_differ() -> None:
+    assert len({time_ordered_id() for _ in range(20_000)}) == 20_000
 
 
 def test_unknown_fields_are_ignored() -> None:
