@@ -96,6 +96,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+@pytest.fixture(params=BACKENDS)
+def plan_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database of each backend, of its own: statistics taken there must not
+    outlive the test (what `tests/plans.py` explains is planned on them)."""
+    if request.param == "sqlite":
+        path = tmp_path / "cjm.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+    else:
+        with fresh_postgres_database("cjm_plans") as url:
+            yield url
+
+
 async def _truncate_all(url: str) -> None:
     database = Database(url)
     try:

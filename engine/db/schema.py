@@ -217,8 +217,10 @@ class AudienceMember(Base):
     __table_args__ = (
         Index("ix_audience_members_audience_seq", "audience", "seq"),
         Index("ix_audience_members_audience_added_at", "audience", "added_at"),
+        # The changes still to number, in the order the sequencer numbers them.
         Index(
             "ix_audience_members_unsequenced",
+            "audience",
             "lead_id",
             sqlite_where=text("seq IS NULL"),
             postgresql_where=text("seq IS NULL"),
@@ -232,7 +234,7 @@ class AudienceMember(Base):
     removed_at: Mapped[datetime | None]  # null while the lead is a member
     # The change number exports page by: null from a change until the sequencer numbers it,
     # in commit order, so an export cursor never passes a change still to come.
-    seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
     # For an erased lead: only the hashed identifiers the ad platforms need to remove
     # the person ({"meta": [...], "google": [...]}); nothing in clear.
     erased: Mapped[dict[str, Any] | None]

@@ -12,19 +12,17 @@ plans without statistics; its plans are checked too.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from engine.db import queries
 from engine.db.database import Database
 from engine.db.types import from_micros, to_micros
-from tests.conftest import BACKENDS, fresh_postgres_database
+from tests.plans import plans_of
 
 NOW = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 QUIET_LEADS = range(1, 2_001)  # three processed events each, when statistics are taken
@@ -35,18 +33,6 @@ BATCH = list(BURST_LEADS)[:100]
 def merged_into(lead: int) -> int:
     """The lead a lead's first event says is the same person (a lead of a million on)."""
     return 1_000_000 + lead
-
-
-@pytest.fixture(params=BACKENDS)
-def plan_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own: the statistics taken here must not outlive the test."""
-    if request.param == "sqlite":
-        path = tmp_path / "cjm.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite+aiosqlite:///{path}"
-    else:
-        with fresh_postgres_database("cjm_plans") as url:
-            yield url
 
 
 @pytest.fixture
@@ -94,30 +80,6 @@ async def burst(plan_database: str) -> AsyncIterator[Database]:
         await db.close()
 
 
-async def plans_of(db: Database, run: Any) -> list[str]:
-    """The plan of each statement `run(connection)` executes on events, explained on the
-    same cursor with the same parameters just before it runs."""
-    plans: list[str] = []
-    explain = "EXPLAIN QUERY PLAN " if db.is_sqlite else "EXPLAIN "
-
-    def before(
-        _conn: Any, cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
-    ) -> None:
-        if " events " in f" {statement} ":
-            cursor.execute(explain + statement, parameters)
-            plans.append("\n".join(" ".join(map(str, row)) for row in cursor.fetchall()))
-
-    async with db.write() as connection:
-        if not db.is_sqlite:
-            # A table this small is cheapest read whole; what is asked is which index
-            # the statement searches, and how.
-            await connection.execute(text("SET LOCAL enable_seqscan = off"))
-        event.listen(connection.sync_connection, "before_cursor_execute", before)
-        await run(connection)
-    assert plans, "no statement on events was run"
-    return plans
-
-
 def searches_by(db: Database, plan: str, column: str) -> bool:
     """Whether `plan` searches an index by `column` for each value of the list: on
     SQLite a search by key (an id may be the rowid), on PostgreSQL an index condition
@@ -134,7 +96,7 @@ async def test_a_batch_pending_events_are_found_through_its_leads(burst: Databas
     async def load(connection: Any) -> None:
         found.extend(await queries.load_pending_events(connection, BATCH, 10_000))
 
-    for plan in await plans_of(burst, load):
+    for plan in await plans_of(burst, "events", load):
         assert "ix_events_lead_id_timestamp" in plan, plan
         assert "ix_events_pending" not in plan, plan
         assert searches_by(burst, plan, "lead_id"), plan
@@ -152,7 +114,7 @@ async def test_a_batch_events_are_marked_processed_by_their_ids(burst: Database)
     async def mark(connection: Any) -> None:
         await queries.mark_processed(connection, ids, NOW)
 
-    for plan in await plans_of(burst, mark):
+    for plan in await plans_of(burst, "events", mark):
         assert "Join" not in plan and "SCAN" not in plan, plan
         assert searches_by(burst, plan, "id"), plan
     async with burst.read() as connection:
@@ -167,7 +129,7 @@ async def test_a_batch_pending_merges_are_found_in_the_index_of_merges(burst: Da
     async def merges(connection: Any) -> None:
         found.extend(await queries.merges_pending(connection, BATCH + list(QUIET_LEADS)[:50]))
 
-    for plan in await plans_of(burst, merges):
+    for plan in await plans_of(burst, "events", merges):
         assert "ix_events_merges" in plan, plan
         assert "ix_events_pending" not in plan, plan
         assert searches_by(burst, plan, "lead_id"), plan
