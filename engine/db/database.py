@@ -25,6 +25,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from engine.db.sqlite_driver import one_trip_url
+
 T = TypeVar("T")
 
 SQLITE_PRAGMAS = (
@@ -91,7 +93,7 @@ def _json_dumps(value: Any) -> str:
 
 def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
     engine = create_async_engine(
-        url,
+        one_trip_url(url),
         pool_size=pool_size,
         max_overflow=0,
         json_serializer=_json_dumps,
