@@ -19,6 +19,7 @@ import orjson
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Integer,
     Select,
     Table,
     any_,
@@ -359,56 +360,74 @@ def among(connection: AsyncConnection, column: Any, ids: Collection[int]) -> Col
 # --- claims --------------------------------------------------------------------------------------
 
 
-async def _lock_leads(connection: AsyncConnection, window: Select[Any], limit: int) -> list[int]:
-    claim = (
+# The statements a worker runs on every batch and every idle poll are built once: building
+# a statement anew cost about as much CPU as SQLite took to run it, a fixed cost of
+# each batch that tracking traffic, in batches of a few dozen leads, paid many times a
+# second. The sizes and times are bound parameters.
+_CLAIM_LIMIT = bindparam("claim_limit", type_=Integer)
+_WINDOW = bindparam("window", type_=Integer)
+
+
+def _claim_through(window: Select[Any]) -> Select[Any]:
+    """Lock up to `claim_limit` leads among those `window` names, skipping locked ones."""
+    return (
         select(leads.c.id)
         .where(leads.c.id.in_(window.scalar_subquery()))
-        .limit(limit)
+        .limit(_CLAIM_LIMIT)
         .with_for_update(skip_locked=True)
     )
-    return list((await connection.scalars(claim)).all())
+
+
+async def _lock_leads(
+    connection: AsyncConnection, claim: Select[Any], limit: int, **bound: Any
+) -> list[int]:
+    parameters = {"claim_limit": limit, "window": limit * WINDOW_FACTOR, **bound}
+    return list((await connection.scalars(claim, parameters)).all())
 
 
 # The idle polls below are ordered by their index's key: the planner then reads that
 # index whatever its statistics say. Without the order, PostgreSQL planned on statistics
 # from when most events were pending would scan the table for one, past every row
 # processed since (20-30 ms a poll on 100,000 events).
+_ANY_PENDING_EVENT = (
+    select(events.c.id).where(events.c.processed_at.is_(None)).order_by(events.c.id).limit(1)
+)
+_ANY_DUE_TIMER = (
+    select(timers.c.id)
+    .where(timers.c.due_at <= bindparam("now"))
+    .order_by(timers.c.due_at)
+    .limit(1)
+)
+_CLAIM_WITH_EVENTS = _claim_through(
+    select(events.c.lead_id)
+    .where(events.c.processed_at.is_(None))
+    .order_by(events.c.id)
+    .limit(_WINDOW)
+)
+_CLAIM_WITH_DUE_TIMERS = _claim_through(
+    select(timers.c.lead_id)
+    .where(timers.c.due_at <= bindparam("now"))
+    .order_by(timers.c.due_at)
+    .limit(_WINDOW)
+)
 
 
 async def any_pending_events(connection: AsyncConnection) -> bool:
-    found = await connection.scalar(
-        select(events.c.id).where(events.c.processed_at.is_(None)).order_by(events.c.id).limit(1)
-    )
-    return found is not None
+    return await connection.scalar(_ANY_PENDING_EVENT) is not None
 
 
 async def any_due_timers(connection: AsyncConnection, now: datetime) -> bool:
-    found = await connection.scalar(
-        select(timers.c.id).where(timers.c.due_at <= now).order_by(timers.c.due_at).limit(1)
-    )
-    return found is not None
+    return await connection.scalar(_ANY_DUE_TIMER, {"now": now}) is not None
 
 
 async def claim_leads_with_events(connection: AsyncConnection, limit: int) -> list[int]:
-    window = (
-        select(events.c.lead_id)
-        .where(events.c.processed_at.is_(None))
-        .order_by(events.c.id)
-        .limit(limit * WINDOW_FACTOR)
-    )
-    return await _lock_leads(connection, window, limit)
+    return await _lock_leads(connection, _CLAIM_WITH_EVENTS, limit)
 
 
 async def claim_leads_with_due_timers(
     connection: AsyncConnection, now: datetime, limit: int
 ) -> list[int]:
-    window = (
-        select(timers.c.lead_id)
-        .where(timers.c.due_at <= now)
-        .order_by(timers.c.due_at)
-        .limit(limit * WINDOW_FACTOR)
-    )
-    return await _lock_leads(connection, window, limit)
+    return await _lock_leads(connection, _CLAIM_WITH_DUE_TIMERS, limit, now=now)
 
 
 async def claim_leads_on_old_versions(
@@ -423,9 +442,9 @@ async def claim_leads_on_old_versions(
             enrollments.c.version != version,
             enrollments.c.stage.in_(stages),
         )
-        .limit(limit * WINDOW_FACTOR)
+        .limit(_WINDOW)
     )
-    return await _lock_leads(connection, window, limit)
+    return await _lock_leads(connection, _claim_through(window), limit)
 
 
 async def lock_live_lead(connection: AsyncConnection, lead_id: int) -> int | None:
@@ -646,6 +665,26 @@ async def load_enrollments(
     return [EnrollmentRow._make((*row[:-1], json_value(row[-1]) or [])) for row in rows]
 
 
+def _among_bound(dialect: str, column: Any) -> ColumnElement[bool]:
+    """`among`, its ids bound at each execution as `ids`: for statements built once."""
+    if dialect == "postgresql":
+        return column == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))  # type: ignore[no-any-return]
+    return column.in_(bindparam("ids", expanding=True))  # type: ignore[no-any-return]
+
+
+# Run on every batch: built once per database kind (see `_claim_through`).
+_PENDING_MERGES = {
+    dialect: select(
+        events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
+    ).where(
+        _among_bound(dialect, events.c.lead_id),
+        events.c.merge_lead_id.is_not(None),
+        text(STILL_PENDING),
+    )
+    for dialect in ("sqlite", "postgresql")
+}
+
+
 async def merges_pending(
     connection: AsyncConnection, lead_ids: Sequence[int]
 ) -> list[tuple[int, int]]:
@@ -656,18 +695,9 @@ async def merges_pending(
     table (no statistics yet) can rescan every pending event once per lead.
     """
     found: list[Any] = []
+    statement = _PENDING_MERGES[connection.dialect.name]
     for part in chunks(lead_ids):
-        found.extend(
-            await connection.execute(
-                select(
-                    events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
-                ).where(
-                    among(connection, events.c.lead_id, part),
-                    events.c.merge_lead_id.is_not(None),
-                    text(STILL_PENDING),
-                )
-            )
-        )
+        found.extend(await connection.execute(statement, {"ids": list(part)}))
     if not found:
         return []
     live = set(
