@@ -88,17 +88,25 @@ class Processor:
         self.version_batches = size()
         # Whether the last batch claimed as many leads as it could: more may be waiting.
         self.last_batch_full = False
+        # Whether the last batch of events was full: then more events are known to wait.
+        self._events_waiting = False
 
     async def process_events(self) -> int:
         """One batch of leads with pending events; how many leads were taken forward."""
-        # A look on a reader first: an idle poll never queues for the one writer.
-        async with self.db.read() as connection:
-            if not await queries.any_pending_events(connection):
-                return 0
-        return await self._process(
+        # A look on a reader first: an idle poll never queues for the one writer. Not
+        # after a full batch: more is known to wait, and the look would cost a read
+        # transaction for nothing on every batch of a busy stream.
+        if not self._events_waiting:
+            async with self.db.read() as connection:
+                if not await queries.any_pending_events(connection):
+                    return 0
+        self._events_waiting = False
+        done = await self._process(
             lambda connection, _, limit: queries.claim_leads_with_events(connection, limit),
             self.event_batches,
         )
+        self._events_waiting = self.last_batch_full
+        return done
 
     async def process_due_timers(self) -> int:
         async with self.db.read() as connection:

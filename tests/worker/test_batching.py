@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -117,6 +118,31 @@ async def test_batches_claim_the_size_and_say_whether_they_were_full(engine: Eng
     assert not processor.last_batch_full
     assert await processor.process_events() == 0
     assert [leads for leads, _ in sizes.seen] == [2, 2, 1]
+    assert await engine.pending_events() == 0
+
+
+async def test_only_a_batch_after_one_that_was_not_full_looks_on_a_reader_first(
+    engine: Engine,
+) -> None:
+    """An idle poll must not queue for the writer; a batch after a full one need not ask."""
+    await _send_leads(engine, 5)
+    db = engine.runtime.db
+    processor = Processor(db, engine.runtime.book, engine.clock, batch_leads=2)
+    looks = 0
+    read = db.read
+
+    def counted_read() -> Any:
+        nonlocal looks
+        looks += 1
+        return read()
+
+    db.read = counted_read  # type: ignore[method-assign]
+    taken = [await processor.process_events() for _ in range(5)]
+
+    assert taken == [2, 2, 1, 0, 0]
+    # The first batch looked; the two after a full batch did not; the two polls after
+    # the batch of one looked, found nothing and went no further.
+    assert looks == 3
     assert await engine.pending_events() == 0
 
 
