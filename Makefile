@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BENCH_PG) $(BIN)/python bench/tracking.py $(if $(PG_UP),--postgres)
 	$(BENCH_PG) $(BIN)/python bench/e2e.py $(if $(PG_UP),--postgres)
 	$(BIN)/python bench/timers.py
+	$(BIN)/python bench/batches.py
 	$(BIN)/python bench/emails.py
 	$(BIN)/python bench/audience_export.py
 	$(BIN)/python bench/kpis.py
