@@ -351,10 +351,17 @@ async def insert_returning(
 def among(connection: AsyncConnection, column: Any, ids: Collection[int]) -> ColumnElement[bool]:
     """`column IN ids`. On PostgreSQL `column = ANY(array)`: one parameter, so one
     prepared statement whatever the count, and no bound value rendered per id."""
-    if connection.dialect.name == "postgresql":
-        array = bindparam(None, list(ids), type_=postgresql.ARRAY(BigInteger))
-        return column == any_(array)  # type: ignore[no-any-return]
-    return column.in_(ids)  # type: ignore[no-any-return]
+    return _among(connection.dialect.name, column, None, list(ids))
+
+
+def _among(
+    dialect: str, column: Any, name: str | None, ids: list[int] | None = None
+) -> ColumnElement[bool]:
+    """`among` on `dialect` with the parameter `name` (anonymous if None): bound to `ids`
+    now, or, for a statement built once, to the `name` given at each execution."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, ids, type_=postgresql.ARRAY(BigInteger)))  # type: ignore[no-any-return]
+    return column.in_(bindparam(name, ids, expanding=True))  # type: ignore[no-any-return]
 
 
 # --- claims --------------------------------------------------------------------------------------
@@ -665,19 +672,12 @@ async def load_enrollments(
     return [EnrollmentRow._make((*row[:-1], json_value(row[-1]) or [])) for row in rows]
 
 
-def _among_bound(dialect: str, column: Any) -> ColumnElement[bool]:
-    """`among`, its ids bound at each execution as `ids`: for statements built once."""
-    if dialect == "postgresql":
-        return column == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))  # type: ignore[no-any-return]
-    return column.in_(bindparam("ids", expanding=True))  # type: ignore[no-any-return]
-
-
 # Run on every batch: built once per database kind (see `_claim_through`).
 _PENDING_MERGES = {
     dialect: select(
         events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
     ).where(
-        _among_bound(dialect, events.c.lead_id),
+        _among(dialect, events.c.lead_id, "ids"),
         events.c.merge_lead_id.is_not(None),
         text(STILL_PENDING),
     )
