@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -74,6 +76,26 @@ def test_generated_message_ids_sort_as_text_in_the_order_they_were_made() -> Non
 
 def test_generated_message_ids_of_one_millisecond_differ() -> None:
     assert len({time_ordered_id() for _ in range(20_000)}) == 20_000
+
+
+def _ids_in_child(connection: Connection) -> None:
+    connection.send([time_ordered_id() for _ in range(1_000)])
+
+
+def test_forked_processes_make_ids_of_their_own() -> None:
+    """API processes forked from one parent must not share its random state: their ids
+    of one millisecond would be the same, and a message would be dropped as a repeat."""
+    forks = multiprocessing.get_context("fork")
+    made: list[str] = []
+    for _ in range(2):
+        receiver, sender = forks.Pipe(duplex=False)
+        child = forks.Process(target=_ids_in_child, args=(sender,))
+        child.start()
+        made += receiver.recv()
+        child.join()
+    made += [time_ordered_id() for _ in range(1_000)]
+    # The random part alone: the milliseconds of the three processes may well match.
+    assert len({uuid.UUID(made_id).int & ((1 << 76) - 1) for made_id in made}) == 3_000
 
 
 def test_unknown_fields_are_ignored() -> None:
