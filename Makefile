@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kpis.py
 	$(if $(PG_UP),$(BENCH_PG) $(BIN)/python bench/scaleout.py)
 	$(BIN)/python bench/e2e.py --headline
+	$(BIN)/python bench/e2e.py --headline --worker-process
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var test-artifacts

@@ -84,19 +84,20 @@ def _shown(value: float | None, unit: str = "") -> str:
 def report(benchmark: str, figures: list[Figure], notes: dict[str, Any] | None = None) -> None:
     """Print the table and store it under `benchmark` in bench/results.json."""
     print(f"\n{benchmark}")
-    header = f"  {'what':<34} {'cjm':>18} {'baseline':>18} {'ratio':>7}  {'target':<22} met"
+    width = max([34, *(len(figure.what) for figure in figures)])
+    header = f"  {'what':<{width}} {'cjm':>18} {'baseline':>18} {'ratio':>7}  {'target':<22} met"
     print(header)
     print("  " + "-" * (len(header) - 2))
     for figure in figures:
         ratio = figure.ratio
         met = {True: "yes", False: "NO", None: ""}[figure.met]
         print(
-            f"  {figure.what:<34} {_shown(figure.value, figure.unit):>18} "
+            f"  {figure.what:<{width}} {_shown(figure.value, figure.unit):>18} "
             f"{_shown(figure.baseline, figure.unit):>18} "
             f"{'-' if ratio is None else f'{ratio:.2f}':>7}  {figure.target:<22} {met}"
         )
         if figure.baseline_what:
-            print(f"  {'':<34} baseline: {figure.baseline_what}")
+            print(f"  {'':<{width}} baseline: {figure.baseline_what}")
     saved: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     saved[benchmark] = {
         "ran_at": datetime.now(UTC).isoformat(timespec="seconds"),
