@@ -129,9 +129,7 @@ class Database:
 
     def __init__(self, url: str, *, lease_seconds: float = CLAIM_LEASE_S) -> None:
         self.url = url
-        # Write transactions of this process under way or waiting for their turn. On
-        # SQLite, whose one writer makes the others wait, a transaction that finds more
-        # than itself here keeps another waiting (the worker sizes its batches by that).
+        # Write transactions of this process under way or waiting for their turn.
         self.writers = 0
         self.dialect = make_url(url).get_backend_name()
         if self.dialect == "sqlite":
@@ -213,6 +211,12 @@ class Database:
             # Left so by a transaction whose end failed or was cancelled half-way.
             await self._held[0].rollback()
         return self._held
+
+    def others_wait(self) -> bool:
+        """Asked by a write transaction under way: whether another writer waits for it to
+        end (the worker sizes its batches by that). Only SQLite's writers wait for one
+        another; here, those of this process."""
+        return self.is_sqlite and self.writers > 1
 
     @asynccontextmanager
     async def _counted_turn(self) -> AsyncIterator[None]:

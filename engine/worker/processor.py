@@ -151,8 +151,7 @@ class Processor:
                 return 0
             lead_ids = await self._merge(connection, lead_ids, now)
             done = await self._run(connection, lead_ids, now, tally)
-            # Only SQLite's writers wait for one another: PostgreSQL's workers claim apart.
-            others_waited = self.db.is_sqlite and self.db.writers > 1
+            others_waited = self.db.others_wait()
         size.observe(claimed, time.perf_counter() - started, others_waited=others_waited)
         count_worker_batch(tally.transitions, tally.timer_lags)
         return done

@@ -123,3 +123,31 @@ async def test_a_writer_cancelled_while_waiting_leaves_the_turn_free(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_writer_sees_a_writer_of_another_process_waiting(database_file: Path) -> None:
+    first, second = database(database_file), database(database_file)
+    entered = asyncio.Event()
+
+    async def write_second() -> None:
+        async with second.write():
+            entered.set()
+
+    try:
+        async with first.write():
+            assert not first.others_wait()
+            waiting = asyncio.create_task(write_second())
+            seen = False
+            for _ in range(100):  # until the second's thread waits for the turn
+                await asyncio.sleep(0.02)
+                if seen := first.others_wait():
+                    break
+            assert seen, "the writer waiting in another process was not seen"
+            assert not entered.is_set()
+            assert first.writers == 1  # not one of this process's own
+        await asyncio.wait_for(waiting, 30)
+        async with first.write():
+            assert not first.others_wait()  # the wait ended with the second's turn
+    finally:
+        await first.close()
+        await second.close()

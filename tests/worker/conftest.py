@@ -177,18 +177,24 @@ class Engine:
             return len(rows.all())
 
 
-async def start_engine(database_url: str, journeys: JourneySet, clock: ManualClock) -> Runtime:
+async def start_engine(
+    database_url: str, journeys: JourneySet, clock: ManualClock, **options: Any
+) -> Runtime:
+    """`options` go to the Runtime (`writers_take_turns`)."""
     settings = Settings(database_url=database_url, write_key="wk_test", admin_key="ak_test")
-    runtime = Runtime(settings, clock=clock, journeys=journeys, run_worker=False)
+    runtime = Runtime(settings, clock=clock, journeys=journeys, run_worker=False, **options)
     await runtime.start()
     return runtime
 
 
 @asynccontextmanager
-async def running_engine(database_url: str, journeys: JourneySet) -> AsyncIterator[Engine]:
-    """The engine running `journeys` on a manual clock set to START, stopped at the end."""
+async def running_engine(
+    database_url: str, journeys: JourneySet, **options: Any
+) -> AsyncIterator[Engine]:
+    """The engine running `journeys` on a manual clock set to START, stopped at the end;
+    `options` as for `start_engine`."""
     clock = ManualClock(START)
-    runtime = await start_engine(database_url, journeys, clock)
+    runtime = await start_engine(database_url, journeys, clock, **options)
     try:
         yield Engine(runtime, clock)
     finally:

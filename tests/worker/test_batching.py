@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
 from engine.db.database import Database
+from engine.runtime import TurnTakingDatabase
 from engine.worker.batching import POSTGRES_SMALLEST, BatchSize, for_database
 from engine.worker.processor import Processor
-from tests.worker.conftest import Engine
+from tests.worker.conftest import Engine, running_engine, write_funnel
 
 CATALOG = {"path": "/catalog/steel"}
 
@@ -175,6 +178,48 @@ async def test_a_batch_that_keeps_another_writer_waiting_knows_it(engine: Engine
 
     assert sizes.seen == [(2, db.is_sqlite), (1, False)]
     assert db.writers == 0
+
+
+async def test_a_batch_knows_when_a_writer_of_another_process_waits(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """`cjm serve --worker-process`: the server's inbox waits for the worker's batch in
+    another process; the batch must be told so, or the worker sizes its batches as if
+    it had the database to itself, and tracking calls wait behind them."""
+    path = tmp_path / "cjm.db"
+    shutil.copy(sqlite_template, path)
+    url = f"sqlite+aiosqlite:///{path}"
+    server = TurnTakingDatabase(url, Path(f"{path}.writers"))  # as the server opens it
+    waiting: list[asyncio.Task[None]] = []
+
+    async def server_write() -> None:
+        async with server.write() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+
+    async def start_the_servers_write(
+        _connection: AsyncConnection, _events: Sequence[queries.EventRow], _now: datetime
+    ) -> None:
+        if not waiting:
+            waiting.append(asyncio.create_task(server_write()))
+            await asyncio.sleep(0.3)  # its thread reaches the wait for the turn
+
+    try:
+        async with running_engine(url, write_funnel(tmp_path), writers_take_turns=True) as engine:
+            await _send_leads(engine, 3)
+            db = engine.runtime.db
+            processor = Processor(
+                db, engine.runtime.book, engine.clock, event_hooks=[start_the_servers_write]
+            )
+            sizes = RecordedSize(2)
+            processor.event_batches = sizes
+            await processor.process_events()
+            await asyncio.gather(*waiting)
+            await processor.process_events()  # the last lead, nobody waiting
+
+            assert sizes.seen == [(2, True), (1, False)]
+            assert db.writers == 0  # in its own process, it was alone throughout
+    finally:
+        await server.close()
 
 
 async def test_the_writers_gauge_comes_back_after_a_failed_transaction(
