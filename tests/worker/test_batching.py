@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import shutil
 from collections.abc import Sequence
 from datetime import datetime
@@ -190,18 +192,31 @@ async def test_a_batch_knows_when_a_writer_of_another_process_waits(
     shutil.copy(sqlite_template, path)
     url = f"sqlite+aiosqlite:///{path}"
     server = TurnTakingDatabase(url, Path(f"{path}.writers"))  # as the server opens it
+    outsider = os.open(f"{path}.writers-waiting", os.O_RDWR | os.O_CREAT)
     waiting: list[asyncio.Task[None]] = []
 
     async def server_write() -> None:
         async with server.write() as connection:
             await connection.exec_driver_sql("SELECT 1")
 
+    def server_waits() -> bool:
+        # As an outsider would see it: the shared lock of the server's wait is held.
+        try:
+            fcntl.flock(outsider, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(outsider, fcntl.LOCK_UN)
+        return False
+
     async def start_the_servers_write(
         _connection: AsyncConnection, _events: Sequence[queries.EventRow], _now: datetime
     ) -> None:
         if not waiting:
             waiting.append(asyncio.create_task(server_write()))
-            await asyncio.sleep(0.3)  # its thread reaches the wait for the turn
+            for _ in range(200):  # until its thread waits for the turn
+                await asyncio.sleep(0.05)
+                if server_waits():
+                    break
 
     try:
         async with running_engine(url, write_funnel(tmp_path), writers_take_turns=True) as engine:
@@ -220,6 +235,7 @@ async def test_a_batch_knows_when_a_writer_of_another_process_waits(
             assert db.writers == 0  # in its own process, it was alone throughout
     finally:
         await server.close()
+        os.close(outsider)
 
 
 async def test_the_writers_gauge_comes_back_after_a_failed_transaction(
