@@ -61,5 +61,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/e2e.py --headline --worker-process
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm var test-artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache cjm.db cjm.db-wal cjm.db-shm cjm.db.writers cjm.db.writers-waiting var test-artifacts
 	rm -rf build engine/machine/*.so engine/machine/_compiled.py
