@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import shutil
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from engine.db.database import Database
 from engine.runtime import TurnTakingDatabase
 from engine.worker.batching import POSTGRES_SMALLEST, BatchSize, for_database
 from engine.worker.processor import Processor
+from tests.ingest.test_writer_turns import lock_is_free
 from tests.worker.conftest import Engine, running_engine, write_funnel
 
 CATALOG = {"path": "/catalog/steel"}
@@ -199,15 +199,6 @@ async def test_a_batch_knows_when_a_writer_of_another_process_waits(
         async with server.write() as connection:
             await connection.exec_driver_sql("SELECT 1")
 
-    def server_waits() -> bool:
-        # As an outsider would see it: the shared lock of the server's wait is held.
-        try:
-            fcntl.flock(outsider, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(outsider, fcntl.LOCK_UN)
-        return False
-
     async def start_the_servers_write(
         _connection: AsyncConnection, _events: Sequence[queries.EventRow], _now: datetime
     ) -> None:
@@ -215,7 +206,7 @@ async def test_a_batch_knows_when_a_writer_of_another_process_waits(
             waiting.append(asyncio.create_task(server_write()))
             for _ in range(200):  # until its thread waits for the turn
                 await asyncio.sleep(0.05)
-                if server_waits():
+                if not lock_is_free(outsider):  # the shared lock of the server's wait
                     break
 
     try:
