@@ -76,6 +76,7 @@ class Processor:
         self.book = book
         self.clock = clock
         self.batch_events = batch_events
+        self._batch_leads = batch_leads
 
         def size() -> BatchSize:
             if batch_leads is None:
@@ -90,6 +91,19 @@ class Processor:
         self.last_batch_full = False
         # Whether the last batch of events was full: then more events are known to wait.
         self._events_waiting = False
+
+    def another_lane(self) -> Processor:
+        """A processor for one more batch in flight at once (the worker's lanes on
+        PostgreSQL): the same database, journeys and hooks, and batch sizes and flags of
+        its own, since each learns from its own batches."""
+        return Processor(
+            self.db,
+            self.book,
+            self.clock,
+            batch_leads=self._batch_leads,
+            batch_events=self.batch_events,
+            event_hooks=self.event_hooks,
+        )
 
     async def process_events(self) -> int:
         """One batch of leads with pending events; how many leads were taken forward."""
