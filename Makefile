@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/step.py
 	$(BENCH_PG) $(BIN)/python bench/tracking.py $(if $(PG_UP),--postgres)
 	$(BENCH_PG) $(BIN)/python bench/e2e.py $(if $(PG_UP),--postgres)
+	$(BENCH_PG) $(BIN)/python bench/e2e.py --worker-process $(if $(PG_UP),--postgres)
 	$(BIN)/python bench/timers.py
 	$(BIN)/python bench/batches.py
 	$(BIN)/python bench/emails.py

@@ -15,6 +15,8 @@ SQLite; with --postgres, PostgreSQL too).
 `--worker-process` runs the worker in a process of its own, so that ingestion and the
 worker each have a core, as `cjm serve --worker-process` does on a machine of two or
 more cores.
+`--lanes N` gives the worker N batches of events in flight at once on PostgreSQL
+instead of its default (engine/worker/loop.py), to compare.
 """
 
 from __future__ import annotations
@@ -157,13 +159,17 @@ async def any_pending(runtime: Runtime) -> bool:
     return first is not None
 
 
-def event_worker(runtime: Runtime) -> Worker:
+def event_worker(runtime: Runtime, lanes: int | None = None) -> Worker:
     """The worker of `cjm serve`, without the email and audience dispatchers: they have
-    benchmarks of their own."""
-    return Worker(Processor(runtime.db, runtime.book, runtime.clock, event_hooks=[redeem_coupons]))
+    benchmarks of their own. `lanes`: its batches of events in flight at once, if not
+    its default."""
+    processor = Processor(runtime.db, runtime.book, runtime.clock, event_hooks=[redeem_coupons])
+    return Worker(processor, event_lanes=lanes)
 
 
-async def run(leads: int, database_url: str, *, worker_process: bool = False) -> dict[str, float]:
+async def run(
+    leads: int, database_url: str, *, worker_process: bool = False, lanes: int | None = None
+) -> dict[str, float]:
     """Seconds from the first batch until every lead is a customer (and those spent
     handing the events in). `worker_process`: the worker runs in a process of its own,
     so that ingestion and the worker each have a core, as in `cjm serve --worker-process`
@@ -172,8 +178,8 @@ async def run(leads: int, database_url: str, *, worker_process: bool = False) ->
     runtime = Runtime(settings, run_worker=False, writers_take_turns=worker_process)
     await runtime.start()
     tune_garbage_collector()  # as `cjm serve` does once started
-    worker = None if worker_process else event_worker(runtime)
-    child = WorkerChild(database_url) if worker_process else None
+    worker = None if worker_process else event_worker(runtime, lanes)
+    child = WorkerChild(database_url, lanes) if worker_process else None
     if worker is not None:
         runtime.inbox.on_commit = worker.wake
         await worker.start()
@@ -202,13 +208,13 @@ class WorkerChild:
     each commit, as `cjm serve --worker-process` wakes its worker: with a backlog it
     never waits, and idle it looks every IDLE_POLL_S."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, lanes: int | None) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter, as cjm's
         self._ready = context.Event()
         self._stop = context.Event()
         self._process = context.Process(
             target=_child_main,
-            args=(database_url, self._ready, self._stop),
+            args=(database_url, lanes, self._ready, self._stop),
             name="cjm-bench-worker",
         )
 
@@ -231,12 +237,12 @@ class WorkerChild:
             self._process.join()
 
 
-def _child_main(database_url: str, ready: Event, stop: Event) -> None:
+def _child_main(database_url: str, lanes: int | None, ready: Event, stop: Event) -> None:
     async def serve() -> None:
         runtime = Runtime(settings_for(database_url), run_worker=False, writers_take_turns=True)
         await runtime.start()
         tune_garbage_collector()
-        worker = event_worker(runtime)
+        worker = event_worker(runtime, lanes)
         await worker.start()
         ready.set()
         await asyncio.to_thread(stop.wait)
@@ -273,6 +279,12 @@ def main() -> None:
         action="store_true",
         help="the worker in a process of its own, as `cjm serve --worker-process`",
     )
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        metavar="N",
+        help="the worker's batches of events in flight at once (default: its own)",
+    )
     args = parser.parse_args()
     leads = 1_000_000 if args.headline else args.leads
     apart: bool = args.worker_process
@@ -297,8 +309,9 @@ def main() -> None:
     if args.postgres:
         with scratch_postgres(args.postgres, "cjm_bench_e2e") as url:
             asyncio.run(upgrade(url))
-            result = asyncio.run(run(leads, url, worker_process=apart))
-        figures.append(rate_figure(f"PostgreSQL{where}", leads, result["seconds"], 10_000))
+            result = asyncio.run(run(leads, url, worker_process=apart, lanes=args.lanes))
+        lanes = "" if args.lanes is None else f", {args.lanes} lane(s)"
+        figures.append(rate_figure(f"PostgreSQL{where}{lanes}", leads, result["seconds"], 10_000))
     figures.append(
         Figure(f"peak memory ({'ingesting ' if apart else ''}process)", peak_rss_mib(), "MiB")
     )
