@@ -87,9 +87,9 @@ class Processor:
         self.event_batches = size()
         self.timer_batches = size()
         self.version_batches = size()
-        # Whether the last batch claimed as many leads as it could: more may be waiting.
+        # Whether the last batch of events claimed as many leads as it could: then more
+        # are known to wait.
         self.last_batch_full = False
-        # Whether the last batch of events was full: then more events are known to wait.
         self._events_waiting = False
 
     def another_lane(self) -> Processor:
@@ -115,23 +115,26 @@ class Processor:
                 if not await queries.any_pending_events(connection):
                     return 0
         self._events_waiting = False
-        done = await self._process(
+        done, full = await self._process(
             lambda connection, _, limit: queries.claim_leads_with_events(connection, limit),
             self.event_batches,
         )
-        self._events_waiting = self.last_batch_full
+        # Set once the batch is over, not inside it: a timer batch of the sweep, which
+        # shares this processor, may end meanwhile.
+        self.last_batch_full = self._events_waiting = full
         return done
 
     async def process_due_timers(self) -> int:
         async with self.db.read() as connection:
             if not await queries.any_due_timers(connection, self.clock.now()):
                 return 0
-        return await self._process(
+        done, _ = await self._process(
             lambda connection, now, limit: queries.claim_leads_with_due_timers(
                 connection, now, limit
             ),
             self.timer_batches,
         )
+        return done
 
     async def process_old_versions(self) -> int:
         """Move leads on an older journey version whose stage still exists to the current one."""
@@ -148,10 +151,13 @@ class Processor:
                     connection, journey.id, journey.version, stages, limit
                 )
 
-            done += await self._process(claim, self.version_batches)
+            moved, _ = await self._process(claim, self.version_batches)
+            done += moved
         return done
 
-    async def _process(self, claim: Claim, size: BatchSize) -> int:
+    async def _process(self, claim: Claim, size: BatchSize) -> tuple[int, bool]:
+        """One batch: how many leads were taken forward, and whether it claimed as many
+        as it could (more may be waiting)."""
         now = self.clock.now()
         tally = Tally()
         limit = size.leads
@@ -160,15 +166,14 @@ class Processor:
             started = time.perf_counter()
             lead_ids = await claim(connection, now, limit)
             claimed = len(lead_ids)
-            self.last_batch_full = claimed >= limit
             if not claimed:
-                return 0
+                return 0, False
             lead_ids = await self._merge(connection, lead_ids, now)
             done = await self._run(connection, lead_ids, now, tally)
             others_waited = self.db.others_wait()
         size.observe(claimed, time.perf_counter() - started, others_waited=others_waited)
         count_worker_batch(tally.transitions, tally.timer_lags)
-        return done
+        return done, claimed >= limit
 
     async def _merge(
         self, connection: AsyncConnection, lead_ids: list[int], now: datetime

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -82,3 +82,35 @@ async def test_a_worker_needs_a_lane(engine: Engine) -> None:
     runtime = engine.runtime
     with pytest.raises(ValueError, match="at least one lane"):
         Worker(Processor(runtime.db, runtime.book, engine.clock), event_lanes=0)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_timer_batch_ending_inside_an_event_batch_leaves_it_full(engine: Engine) -> None:
+    """The first lane shares its processor with the timer sweep. On PostgreSQL a timer
+    batch can end while an event batch is under way; whether the event batch was full
+    (more events wait) must still be the event batch's."""
+    await engine.send("page", anonymousId="early", properties=CATALOG)
+    await engine.run()  # enters `visitor`, 2h from its timeout
+    engine.clock.advance(timedelta(hours=3))
+    for number in range(3):
+        await engine.send("page", anonymousId=f"a{number}", properties=CATALOG)
+    runtime = engine.runtime
+    timers_moved: list[int] = []
+    swept = False
+
+    async def run_the_sweep(
+        _connection: AsyncConnection, _events: Sequence[queries.EventRow], _now: datetime
+    ) -> None:
+        nonlocal swept
+        if not swept:  # once: the timer batch runs the hooks too
+            swept = True
+            timers_moved.append(await processor.process_due_timers())
+
+    processor = Processor(
+        runtime.db, runtime.book, engine.clock, batch_leads=2, event_hooks=[run_the_sweep]
+    )
+    assert await processor.process_events() == 2
+    assert timers_moved == [1]  # a batch of one lead, not full
+    assert processor.last_batch_full
+    assert await processor.process_events() == 1
+    assert not processor.last_batch_full
