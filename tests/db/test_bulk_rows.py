@@ -1,10 +1,14 @@
 """`insert_rows` and `update_rows`: many rows in one statement on PostgreSQL (the
-columns as arrays), an executemany on SQLite; the same rows stored either way, ON
-CONFLICT clauses and extra conditions included."""
+columns as arrays, or a COPY), an executemany on SQLite; the same rows stored either
+way, ON CONFLICT clauses and extra conditions included."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import literal, select
 
 from engine.db.database import Database
 from engine.db.queries import OUTBOX_COLUMNS, insert_rows, json_text, update_rows
@@ -12,25 +16,26 @@ from engine.db.schema import audience_members, outbox, transitions
 from engine.db.types import from_micros
 
 KEEP_FIRST = " ON CONFLICT (idempotency_key) DO NOTHING"
+HISTORY = ("enrollment_id", "journey_id", "from_stage", "to_stage", "at", "cause")
 
 
 def action(key: str, target: str) -> tuple[object, ...]:
     return (key, 7, 70, "doors", "email.send", target, "pending", 1, 1)
 
 
-async def test_rows_of_every_column_type_are_stored_as_given(db: Database) -> None:
+@pytest.mark.parametrize("first", [True, False], ids=["first-statement", "after-another"])
+async def test_rows_of_every_column_type_are_stored_as_given(db: Database, first: bool) -> None:
+    """On PostgreSQL, first in its transaction as unnest's arrays, after another
+    statement as a COPY."""
     rows = [
         (11, "doors", None, "first_contact", 1_000_001, json_text({"kind": "event", "n": 1})),
         (11, "doors", "first_contact", "landing", 2_000_002, json_text({"kind": "timer"})),
         (12, "doors", "landing", None, 3_000_003, json_text({"note": "ünïcode ✓"})),
     ]
     async with db.write() as connection:
-        await insert_rows(
-            connection,
-            transitions,
-            ("enrollment_id", "journey_id", "from_stage", "to_stage", "at", "cause"),
-            rows,
-        )
+        if not first:
+            await connection.execute(select(literal(1)))
+        await insert_rows(connection, transitions, HISTORY, rows)
 
     async with db.read() as connection:
         stored = (
@@ -48,6 +53,34 @@ async def test_rows_of_every_column_type_are_stored_as_given(db: Database) -> No
         (11, "first_contact", "landing", {"kind": "timer"}),
         (12, "landing", None, {"note": "ünïcode ✓"}),
     ]
+
+
+async def test_rows_copied_on_postgres_roll_back_with_their_transaction(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COPY only inside a transaction already begun on the server: first in it, the
+    COPY would run before the transaction and commit on its own."""
+    copies = 0
+    copy = asyncpg.Connection.copy_records_to_table
+
+    async def counted_copy(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> str:
+        nonlocal copies
+        copies += 1
+        return await copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counted_copy)
+    row = (11, "doors", None, "first_contact", 1_000_001, json_text({"kind": "event"}))
+    for first in (True, False):
+        with pytest.raises(RuntimeError, match="roll back"):
+            async with db.write() as connection:
+                if not first:
+                    await connection.execute(select(literal(1)))
+                await insert_rows(connection, transitions, HISTORY, [row])
+                raise RuntimeError("roll back")
+
+    async with db.read() as connection:
+        assert (await connection.execute(select(transitions.c.id))).all() == []
+    assert copies == (0 if db.is_sqlite else 1)
 
 
 async def test_a_conflict_clause_applies_within_the_rows_and_against_stored_ones(
