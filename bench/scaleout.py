@@ -43,6 +43,9 @@ from engine.db.schema import emails, enrollments, events, goals, offer_codes, ou
 from engine.runtime import Runtime
 
 WORKER_COUNTS = (1, 2, 4)
+# The machine this busy (workers and PostgreSQL, over all its cores) has no core left for
+# one more worker: what more workers add beyond is contention.
+FULL_BUSY = 0.9
 MOVES_PER_LEAD = 4  # entry, to landing, to nurturing, to customer
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -310,19 +313,19 @@ def main() -> None:
             counts = kill_and_replace(template, server, leads, directory)
     events_total = leads * 5
     single = runs[0].rate
+
+    def busy(run: Run) -> float:
+        return (run.worker_cpu + run.postgres_cpu) / (run.seconds * cores)
+
     figures = []
     for run in runs:
-        rate = run.rate
-        busy = (run.worker_cpu + run.postgres_cpu) / (run.seconds * cores)
         figures.append(
             Figure(
                 f"{run.workers} worker(s), events/s",
-                rate,
+                run.rate,
                 "ev/s",
                 baseline=single,
                 baseline_what=f"{runs[0].workers} worker(s)",
-                target=">= 10,000 ev/s" if run.workers == max(args.workers) else "",
-                met=rate >= 10_000 if run.workers == max(args.workers) else None,
             )
         )
         figures.append(
@@ -334,7 +337,23 @@ def main() -> None:
                 baseline_what="CPU s of PostgreSQL",
             )
         )
-        figures.append(Figure("  machine busy (all cores)", busy * 100, "%"))
+        figures.append(Figure("  machine busy (all cores)", busy(run) * 100, "%"))
+    # Where it saturates: the most events/s any count gave, and the first count that kept
+    # the machine's cores full.
+    best = max(runs, key=lambda run: run.rate)
+    figures.append(
+        Figure(
+            f"most events/s: {best.workers} worker(s)",
+            best.rate,
+            "ev/s",
+            target=">= 10,000 ev/s",
+            met=best.rate >= 10_000,
+        )
+    )
+    full = next((run for run in runs if busy(run) >= FULL_BUSY), None)
+    shown = full or runs[-1]
+    where = "full from" if full else "not full at"
+    figures.append(Figure(f"  cores {where} {shown.workers} worker(s)", busy(shown) * 100, "%"))
     expected = {
         "moves": leads * MOVES_PER_LEAD,
         "goals": leads,
