@@ -100,25 +100,31 @@ class Worker:
             pass
 
     async def _process_events(self, lane: int) -> None:
-        """The first lane polls for events; a further lane works only from the moment the
-        lane before it found a full batch (a backlog) until its own batch is not full."""
+        """The first lane polls for events. A further lane sleeps until the lane before it
+        finds a full batch (a backlog), then works until its own batch is not full. When
+        a batch fails, the first lane retries; a further one goes back to sleep, rather
+        than fail (and log) beside it each round, say while the database is away."""
         processor = self._lanes[lane]
         wakeup = self._wakeups[lane]
         next_lane = self._wakeups[lane + 1] if lane + 1 < len(self._lanes) else None
+        backlog = False
         while True:
+            if lane and not backlog:
+                await wakeup.wait()
             wakeup.clear()
+            backlog = False
             try:
                 processed = await processor.process_events()
             except Exception:
-                log.exception("event processing failed; retrying")
+                log.exception("event processing failed (lane %d); retrying", lane)
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             if processed and processor.last_batch_full:
+                backlog = True  # more is waiting
                 if next_lane is not None:
                     next_lane.set()
-                continue  # a full batch: more is waiting
+                continue
             if lane:
-                await wakeup.wait()
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), IDLE_POLL_S)
