@@ -116,7 +116,8 @@ class Worker:
             try:
                 processed = await processor.process_events()
             except Exception:
-                log.exception("event processing failed (lane %d); retrying", lane)
+                then = "the first lane retries" if lane else "retrying"
+                log.exception("event processing failed (lane %d); %s", lane, then)
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             if processed and processor.last_batch_full:
