@@ -88,9 +88,9 @@ class Processor:
         self.timer_batches = size()
         self.version_batches = size()
         # Whether the last batch of events claimed as many leads as it could: then more
-        # are known to wait.
+        # are known to wait. False while a batch is under way, so one that fails leaves
+        # the next to look first.
         self.last_batch_full = False
-        self._events_waiting = False
 
     def another_lane(self) -> Processor:
         """A processor for one more batch in flight at once (the worker's lanes on
@@ -110,18 +110,18 @@ class Processor:
         # A look on a reader first: an idle poll never queues for the one writer. Not
         # after a full batch: more is known to wait, and the look would cost a read
         # transaction for nothing on every batch of a busy stream.
-        if not self._events_waiting:
+        if not self.last_batch_full:
             async with self.db.read() as connection:
                 if not await queries.any_pending_events(connection):
                     return 0
-        self._events_waiting = False
+        self.last_batch_full = False
         done, full = await self._process(
             lambda connection, _, limit: queries.claim_leads_with_events(connection, limit),
             self.event_batches,
         )
         # Set once the batch is over, not inside it: a timer batch of the sweep, which
         # shares this processor, may end meanwhile.
-        self.last_batch_full = self._events_waiting = full
+        self.last_batch_full = full
         return done
 
     async def process_due_timers(self) -> int:
