@@ -15,6 +15,9 @@ SQLite; with --postgres, PostgreSQL too).
 `--worker-process` runs the worker in a process of its own, so that ingestion and the
 worker each have a core, as `cjm serve --worker-process` does on a machine of two or
 more cores.
+Beside each rate: how busy the run kept the machine's cores (the benchmark's processes
+and PostgreSQL's, over the wall time), which says whether the cores or the waits
+between them set the pace.
 `--lanes N` gives the worker N batches of events in flight at once on PostgreSQL
 instead of its default (engine/worker/loop.py), to compare.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -36,7 +40,9 @@ from harness import (
     ROOT,
     Figure,
     Stopwatch,
+    cpu_seconds,
     peak_rss_mib,
+    postgres_pids,
     report,
     scratch_postgres,
 )
@@ -56,6 +62,7 @@ BATCH = 500
 # spread over five batches, and the worker meets each lead about five times.
 BLOCK = 10_000
 SENDERS = 8  # concurrent /v1/batch callers
+CORES = os.cpu_count() or 1
 
 
 def lead_events(n: int, at: datetime) -> list[dict[str, Any]]:
@@ -185,16 +192,27 @@ async def run(
         await worker.start()
     if child is not None:
         await asyncio.to_thread(child.start)
+    on_postgres = not runtime.db.is_sqlite
     try:
+        processes = [os.getpid(), *([child.pid] if child is not None else [])]
+        cpu_before = cpu_seconds(processes)
+        postgres_before = cpu_seconds(postgres_pids()) if on_postgres else 0.0
         with Stopwatch() as watch:
             ingest_seconds = await send(runtime, leads)
             while await any_pending(runtime):  # the worker has no "idle" event to wait for
                 if child is not None:
                     child.check()
                 await asyncio.sleep(0.2)
+        cpu = cpu_seconds(processes) - cpu_before
+        if on_postgres:
+            cpu += cpu_seconds(postgres_pids()) - postgres_before
         done = await customers(runtime)
         assert done == leads, f"{done} of {leads} leads reached the customer stage"
-        return {"seconds": watch.seconds, "ingest_seconds": ingest_seconds}
+        return {
+            "seconds": watch.seconds,
+            "ingest_seconds": ingest_seconds,
+            "busy": cpu / (watch.seconds * CORES),
+        }
     finally:
         if worker is not None:
             await worker.stop()
@@ -217,6 +235,11 @@ class WorkerChild:
             args=(database_url, lanes, self._ready, self._stop),
             name="cjm-bench-worker",
         )
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None, "not started"
+        return self._process.pid
 
     def start(self) -> None:
         self._process.start()
@@ -263,6 +286,13 @@ def rate_figure(database: str, leads: int, seconds: float, target: int) -> Figur
     )
 
 
+def busy_figure(result: dict[str, float]) -> Figure:
+    """How much of the machine the run kept busy: the CPU of the benchmark's processes
+    (and of PostgreSQL's) over the wall time of all cores. What is left idle is lost to
+    waiting (on SQLite, for its one writer), not to a core short."""
+    return Figure(f"  machine busy (all {CORES} cores)", result["busy"] * 100, "%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("leads", nargs="?", type=int, default=100_000)
@@ -297,6 +327,7 @@ def main() -> None:
     figures.append(
         Figure("  of which ingestion alone", leads * 5 / result["ingest_seconds"], "ev/s")
     )
+    figures.append(busy_figure(result))
     figures.append(
         Figure(
             "  wall time, first event to last stage",
@@ -312,6 +343,7 @@ def main() -> None:
             result = asyncio.run(run(leads, url, worker_process=apart, lanes=args.lanes))
         lanes = "" if args.lanes is None else f", {args.lanes} lane(s)"
         figures.append(rate_figure(f"PostgreSQL{where}{lanes}", leads, result["seconds"], 10_000))
+        figures.append(busy_figure(result))
     figures.append(
         Figure(f"peak memory ({'ingesting ' if apart else ''}process)", peak_rss_mib(), "MiB")
     )

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from e2e import send, settings_for
-from harness import POSTGRES_SERVER, Figure, report, scratch_postgres
+from harness import (
+    POSTGRES_SERVER,
+    Figure,
+    cpu_seconds,
+    postgres_pids,
+    report,
+    scratch_postgres,
+)
 from sqlalchemy import distinct, func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
@@ -47,7 +54,6 @@ WORKER_COUNTS = (1, 2, 4)
 # one more worker: what more workers add beyond is contention.
 FULL_BUSY = 0.9
 MOVES_PER_LEAD = 4  # entry, to landing, to nurturing, to customer
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def pending(*, traffic_only: bool) -> ColumnElement[bool]:
@@ -156,30 +162,6 @@ def stop(workers: list[subprocess.Popen[bytes]]) -> None:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far, from /proc."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
-
-
-def postgres_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
-            except (FileNotFoundError, PermissionError):
-                continue
-    return pids
 
 
 def wait_until_done(url: str, leads: int, *, outbox_too: bool = False) -> None:

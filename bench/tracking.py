@@ -52,7 +52,15 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import orjson
 import uvloop
-from harness import POSTGRES_SERVER, ROOT, Figure, Stopwatch, report, scratch_postgres
+from harness import (
+    POSTGRES_SERVER,
+    ROOT,
+    Figure,
+    Stopwatch,
+    cpu_seconds,
+    report,
+    scratch_postgres,
+)
 from sqlalchemy.engine import make_url
 
 from engine.db.database import SQLITE_PRAGMAS
@@ -219,22 +227,12 @@ async def drive(
             group.create_task(connection(servers[number % len(servers)][0]))
         pids = [pid for _, pid in servers]
         await asyncio.sleep(measure_from - time.perf_counter())
-        client_from, server_from = time.process_time(), _cpu_seconds(pids)
+        client_from, server_from = time.process_time(), cpu_seconds(pids)
         await asyncio.sleep(until - time.perf_counter())
         client_cpu = (time.process_time() - client_from) / seconds
-        server_cpu = (_cpu_seconds(pids) - server_from) / seconds
+        server_cpu = (cpu_seconds(pids) - server_from) / seconds
     peak = max(_peak_mib(pid) for pid in pids)
     return Load(seconds, accepted, latencies, client_cpu, server_cpu, peak)
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """CPU seconds the processes used, all their threads."""
-    ticks = 0
-    for pid in pids:
-        # utime and stime, the 14th and 15th fields, counted after the parenthesised name.
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_mib(pid: int) -> float:
