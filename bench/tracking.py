@@ -118,7 +118,7 @@ def batch_bodies(seed: int) -> Callable[[int], bytes]:
 
 
 def event_rows(count: int, seed: int) -> list[Row]:
-    """`count` rows as cjm's inbox writes them (engine/ingest/inbox.py `_event_row`)."""
+    """`count` rows as cjm's inbox writes them (engine/ingest/inbox.py `insert_events`)."""
     rng = random.Random(seed)
     now = to_micros(datetime.now(UTC))
     rows: list[Row] = []

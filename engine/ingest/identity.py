@@ -65,6 +65,18 @@ def keys_of(message: Message) -> Iterator[Key]:
         yield (ANON, message.previous_id)
 
 
+IdsByKind = dict[str, list[str]]  # USER | ANON: the ids, sorted
+
+
+def ids_to_look_up(messages: Sequence[Message]) -> IdsByKind:
+    """Every id the messages may look up, by kind. It needs no database: the inbox works
+    it out before its transaction, where on SQLite the worker waits for it."""
+    keys = {key for message in messages for key in keys_of(message)}
+    return {
+        kind: sorted(value for key_kind, value in keys if key_kind == kind) for kind in (USER, ANON)
+    }
+
+
 def plan_routes(
     messages: Sequence[Message], known: Mapping[Key, int], identified: AbstractSet[int]
 ) -> IdentityPlan:
@@ -147,9 +159,13 @@ class _Planner:
 
 
 async def resolve_leads(
-    connection: SqlConnection, messages: Sequence[Message], now: datetime
+    connection: SqlConnection,
+    messages: Sequence[Message],
+    now: datetime,
+    ids: IdsByKind | None = None,
 ) -> list[Route]:
     """The route of each message, with new leads and identities written (not committed).
+    `ids`: `ids_to_look_up(messages)`, if worked out already.
 
     On PostgreSQL other API processes may map some of the same ids between our read and
     our write. Our insert of such an id waits for their commit and skips it; then our
@@ -158,10 +174,11 @@ async def resolve_leads(
     thus learns at least one id for good, so the rounds end, however many processes
     keep mapping ids of the group: a fixed number of rounds gave up under that load.
     """
-    keys = {key for message in messages for key in keys_of(message)}
+    if ids is None:
+        ids = ids_to_look_up(messages)
     taken: set[Key] = set()
     while True:
-        known = await select_known_identities(connection, keys)
+        known = await select_known_identities(connection, ids)
         if not taken <= known.keys():
             # Mapped by another process and gone since: only an erasure deletes ids.
             raise IdentityRace("ids of this group were mapped and then erased meanwhile")
@@ -213,16 +230,14 @@ def _real(lead: int, new_lead_ids: Sequence[int]) -> int:
 # lead resolution's Python time went to.
 
 
-async def select_known_identities(
-    connection: SqlConnection, keys: AbstractSet[Key]
-) -> dict[Key, int]:
+async def select_known_identities(connection: SqlConnection, ids: IdsByKind) -> dict[Key, int]:
     known: dict[Key, int] = {}
-    for kind in (USER, ANON):
+    for kind, values in ids.items():
         found = await rows_for_ids(
             connection,
             f"SELECT value, lead_id FROM {identities.name} WHERE kind = ? AND value IN ({{ids}})",
             (kind,),
-            sorted(value for key_kind, value in keys if key_kind == kind),
+            values,
             sql_type="text",
         )
         known.update(((kind, value), lead_id) for value, lead_id in found)

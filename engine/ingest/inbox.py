@@ -30,7 +30,7 @@ from engine.clock import Clock
 from engine.db.database import Database, SqlConnection
 from engine.db.queries import insert_rows, json_text, micros, reserve_ids
 from engine.db.schema import events
-from engine.ingest.identity import Route, resolve_leads
+from engine.ingest.identity import Route, ids_to_look_up, resolve_leads
 from engine.ingest.messages import Message
 from engine.metrics import count_ingested
 
@@ -187,10 +187,15 @@ class Inbox:
         messages = _first_of_each_id(waiter.messages for waiter in group)
         self._writing_since = time.monotonic()
         now = self._clock.now()
+        # Worked out before the writer's turn, since on SQLite the worker waits while
+        # the transaction runs: the ids to look up, and all of each row but its lead,
+        # which only the transaction can tell.
+        ids = ids_to_look_up(messages)
+        rows = [_event_fields(message) for message in messages]
 
         async def store(connection: SqlConnection) -> None:
-            routes = await resolve_leads(connection, messages, now)
-            await insert_events(connection, messages, routes)
+            routes = await resolve_leads(connection, messages, now, ids)
+            await insert_events(connection, rows, routes)
 
         try:
             await self._db.write_sql(store)
@@ -226,10 +231,10 @@ def _first_of_each_id(batches: Iterable[Sequence[Message]]) -> list[Message]:
 
 
 # The hot insert as plain SQL on tuples: the driver's executemany, without SQLAlchemy's
-# processing of each row's parameters (most of the cost of a large batch).
+# processing of each row's parameters (most of the cost of a large batch). A row is the
+# message's fields (`_event_fields`), then the two columns its route gives.
 EVENT_COLUMNS = (
     "message_id",
-    "lead_id",
     "type",
     "name",
     "timestamp",
@@ -237,15 +242,18 @@ EVENT_COLUMNS = (
     "user_id",
     "anonymous_id",
     "data",
+    "lead_id",
     "merge_lead_id",
 )
+EventFields = tuple[str, str, str, int | None, int | None, str | None, str | None, str]
 
 
 async def insert_events(
-    connection: SqlConnection, messages: Sequence[Message], routes: Sequence[Route]
+    connection: SqlConnection, fields: Sequence[EventFields], routes: Sequence[Route]
 ) -> None:
-    """The messages as inbox rows, their ids in the group's order (which orders a lead's
-    events of the same instant); a messageId already stored is skipped.
+    """The messages (as `_event_fields`) as inbox rows, their ids in the group's order
+    (which orders a lead's events of the same instant); a messageId already stored is
+    skipped.
 
     On PostgreSQL the rows go in in messageId order, with ids reserved beforehand in
     the group's order. Two API processes storing the same messages (a batch a client
@@ -254,7 +262,10 @@ async def insert_events(
     order of their groups, each could wait on a row the other wrote, a deadlock that
     PostgreSQL breaks by aborting one of them. On SQLite one writer at a time.
     """
-    rows = [_event_row(message, route) for message, route in zip(messages, routes, strict=True)]
+    rows: list[tuple[Any, ...]] = [
+        (*message, route.lead_id, route.merge_lead_id)
+        for message, route in zip(fields, routes, strict=True)
+    ]
     columns: tuple[str, ...] = EVENT_COLUMNS
     if connection.dialect.name == "postgresql" and len(rows) > 1:
         ids = await reserve_ids(connection, events, len(rows))
@@ -266,7 +277,7 @@ async def insert_events(
     await insert_rows(connection, events, columns, rows, " ON CONFLICT (message_id) DO NOTHING")
 
 
-def _event_row(message: Message, route: Route) -> tuple[Any, ...]:
+def _event_fields(message: Message) -> EventFields:
     data: dict[str, Any] = {}
     if message.properties:
         data["properties"] = message.properties
@@ -278,7 +289,6 @@ def _event_row(message: Message, route: Route) -> tuple[Any, ...]:
         data["previous_id"] = message.previous_id
     return (
         message.message_id,
-        route.lead_id,
         message.type,
         message.name,
         micros(message.timestamp),
@@ -286,5 +296,4 @@ def _event_row(message: Message, route: Route) -> tuple[Any, ...]:
         message.user_id,
         message.anonymous_id,
         json_text(data),
-        route.merge_lead_id,
     )

@@ -18,7 +18,15 @@ from engine.clock import ManualClock
 from engine.db.database import Database
 from engine.db.schema import events, identities, leads
 from engine.ingest import identity
-from engine.ingest.identity import ANON, USER, Key, Route, plan_routes, resolve_leads
+from engine.ingest.identity import (
+    ANON,
+    USER,
+    IdsByKind,
+    Key,
+    Route,
+    plan_routes,
+    resolve_leads,
+)
 from engine.ingest.inbox import Inbox
 from engine.ingest.messages import Message, MessageType, parse_message
 from tests.sqlite_plans import TracedSqlite
@@ -194,10 +202,10 @@ async def test_an_id_mapped_by_another_process_meanwhile_is_replanned_to_its_lea
     real_select = identity.select_known_identities
     reads: list[int] = []
 
-    async def stale_first(connection: AsyncConnection, keys: AbstractSet[Key]) -> dict[Key, int]:
+    async def stale_first(connection: AsyncConnection, ids: IdsByKind) -> dict[Key, int]:
         reads.append(1)
         # The first read predates the other process's commit.
-        return {} if len(reads) == 1 else await real_select(connection, keys)
+        return {} if len(reads) == 1 else await real_select(connection, ids)
 
     monkeypatch.setattr(identity, "select_known_identities", stale_first)
     async with db.write() as connection:
