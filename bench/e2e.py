@@ -194,8 +194,8 @@ async def run(
         await asyncio.to_thread(child.start)
     on_postgres = not runtime.db.is_sqlite
     try:
-        processes = [os.getpid(), *([child.pid] if child is not None else [])]
-        cpu_before = cpu_seconds(processes)
+        worker_pids = [child.pid] if child is not None else []
+        ingest_before, worker_before = cpu_seconds([os.getpid()]), cpu_seconds(worker_pids)
         postgres_before = cpu_seconds(postgres_pids()) if on_postgres else 0.0
         with Stopwatch() as watch:
             ingest_seconds = await send(runtime, leads)
@@ -203,15 +203,18 @@ async def run(
                 if child is not None:
                     child.check()
                 await asyncio.sleep(0.2)
-        cpu = cpu_seconds(processes) - cpu_before
-        if on_postgres:
-            cpu += cpu_seconds(postgres_pids()) - postgres_before
+        ingest_cpu = cpu_seconds([os.getpid()]) - ingest_before
+        worker_cpu = cpu_seconds(worker_pids) - worker_before
+        postgres_cpu = cpu_seconds(postgres_pids()) - postgres_before if on_postgres else 0.0
         done = await customers(runtime)
         assert done == leads, f"{done} of {leads} leads reached the customer stage"
         return {
             "seconds": watch.seconds,
             "ingest_seconds": ingest_seconds,
-            "busy": cpu / (watch.seconds * CORES),
+            "busy": (ingest_cpu + worker_cpu + postgres_cpu) / (watch.seconds * CORES),
+            # CPU per event of each process (one process: ingestion and the worker both).
+            "ingest_cpu_us": ingest_cpu / (leads * 5) * 1e6,
+            "worker_cpu_us": worker_cpu / (leads * 5) * 1e6,
         }
     finally:
         if worker is not None:
@@ -293,6 +296,17 @@ def busy_figure(result: dict[str, float]) -> Figure:
     return Figure(f"  machine busy (all {CORES} cores)", result["busy"] * 100, "%")
 
 
+def cpu_figures(result: dict[str, float], apart: bool) -> list[Figure]:
+    """The CPU each event cost, per process: the worker's sets the most one worker
+    process can apply in a second, however well it overlaps with the rest."""
+    if not apart:
+        return [Figure("  CPU per event (the process)", result["ingest_cpu_us"], "us")]
+    return [
+        Figure("  CPU per event, ingesting process", result["ingest_cpu_us"], "us"),
+        Figure("  CPU per event, worker process", result["worker_cpu_us"], "us"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("leads", nargs="?", type=int, default=100_000)
@@ -328,6 +342,7 @@ def main() -> None:
         Figure("  of which ingestion alone", leads * 5 / result["ingest_seconds"], "ev/s")
     )
     figures.append(busy_figure(result))
+    figures.extend(cpu_figures(result, apart))
     figures.append(
         Figure(
             "  wall time, first event to last stage",
@@ -344,6 +359,7 @@ def main() -> None:
         lanes = "" if args.lanes is None else f", {args.lanes} lane(s)"
         figures.append(rate_figure(f"PostgreSQL{where}{lanes}", leads, result["seconds"], 10_000))
         figures.append(busy_figure(result))
+        figures.extend(cpu_figures(result, apart))
     figures.append(
         Figure(f"peak memory ({'ingesting ' if apart else ''}process)", peak_rss_mib(), "MiB")
     )
