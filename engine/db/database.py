@@ -195,6 +195,23 @@ class Database:
             _, driver = await self._sqlite_writer()
             return await _in_driver_thread(driver, _transaction_in_thread, work)
 
+    async def within_write(
+        self,
+        connection: AsyncConnection,
+        work: Callable[[SqlConnection], Coroutine[Any, Any, T]],
+    ) -> T:
+        """`work(...)` inside the write transaction under way on `connection` (from
+        `write()`), its result; on SQLite in one trip to the driver's thread, as
+        `write_sql` runs a whole transaction, where each statement through SQLAlchemy
+        takes a trip of its own. `work` may await nothing but its connection's
+        `exec_driver_sql` (and what awaits only that)."""
+        if not self.is_sqlite:
+            return await work(connection)
+        held = self._held
+        if held is None or held[0] is not connection or not connection.in_transaction():
+            raise RuntimeError("within_write needs the write transaction under way")
+        return await _in_driver_thread(held[1], _within_transaction_in_thread, work)
+
     async def _sqlite_writer(self) -> tuple[AsyncConnection, Any]:
         """The held writer connection and its aiosqlite driver connection, connected on
         first use and again if SQLAlchemy gave it up (invalidated it), with no
@@ -309,6 +326,13 @@ def _transaction_in_thread(
     return result
 
 
+def _within_transaction_in_thread(
+    raw: sqlite3.Connection, work: Callable[[SqlConnection], Coroutine[Any, Any, T]]
+) -> T:
+    # The transaction is the caller's: it ends (commits or rolls back) there.
+    return _run_without_suspending(work(_ThreadConnection(raw)))
+
+
 def _run_without_suspending(work: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to its end on this thread, which has no event loop: possible
     because what it awaits (`_ThreadConnection.exec_driver_sql`) returns at once."""
@@ -319,7 +343,7 @@ def _run_without_suspending(work: Coroutine[Any, Any, T]) -> T:
         return result
     work.close()
     raise RuntimeError(
-        "a write_sql transaction awaited something other than its connection's statements"
+        "work run in SQLite's thread awaited something other than its connection's statements"
     )
 
 

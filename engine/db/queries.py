@@ -612,7 +612,7 @@ def json_value(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
-async def load_leads(connection: AsyncConnection, lead_ids: Sequence[int]) -> list[LeadRow]:
+async def load_leads(connection: SqlConnection, lead_ids: Sequence[int]) -> list[LeadRow]:
     rows = await rows_for_ids(
         connection,
         "SELECT id, traits, watermark, merged_into, first_source, first_source_at"
@@ -642,7 +642,7 @@ STILL_PENDING = "(processed_at IS NULL) IS NOT FALSE"
 
 
 async def load_pending_events(
-    connection: AsyncConnection, lead_ids: Sequence[int], limit: int
+    connection: SqlConnection, lead_ids: Sequence[int], limit: int
 ) -> list[EventRow]:
     """Pending events of the leads, each lead's in timestamp then arrival order, at most
     `limit` in all."""
@@ -668,7 +668,7 @@ async def load_pending_events(
 
 
 async def load_due_timers(
-    connection: AsyncConnection, lead_ids: Sequence[int], now: datetime
+    connection: SqlConnection, lead_ids: Sequence[int], now: datetime
 ) -> list[DueTimerRow]:
     rows = await rows_for_ids(
         connection,
@@ -687,7 +687,7 @@ async def load_due_timers(
 
 
 async def load_enrollments(
-    connection: AsyncConnection, lead_ids: Sequence[int]
+    connection: SqlConnection, lead_ids: Sequence[int]
 ) -> list[EnrollmentRow]:
     rows = await rows_for_ids(
         connection,
@@ -751,7 +751,7 @@ class AlreadyProcessed(RuntimeError):
 
 
 async def mark_processed(
-    connection: AsyncConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
+    connection: SqlConnection, event_ids: Sequence[int], now: datetime, error: str | None = None
 ) -> None:
     marked = await execute_for_ids(
         connection,
@@ -786,7 +786,7 @@ LeadUpdate = tuple[
 ]
 
 
-async def update_leads(connection: AsyncConnection, rows: Sequence[LeadUpdate]) -> None:
+async def update_leads(connection: SqlConnection, rows: Sequence[LeadUpdate]) -> None:
     await update_rows(
         connection,
         leads,
@@ -814,9 +814,7 @@ NewEnrollment = tuple[
 ]
 
 
-async def insert_enrollments(
-    connection: AsyncConnection, rows: Sequence[NewEnrollment]
-) -> list[int]:
+async def insert_enrollments(connection: SqlConnection, rows: Sequence[NewEnrollment]) -> list[int]:
     """The new rows' ids, in the order given.
 
     Inserted in one go, then read back by their unique key (lead, journey, entry
@@ -890,7 +888,7 @@ async def update_entry_numbers(connection: AsyncConnection, rows: list[dict[str,
 EnrollmentUpdate = tuple[int, int, str, str, int, datetime, datetime | None, Sequence[str]]
 
 
-async def update_enrollments(connection: AsyncConnection, rows: Sequence[EnrollmentUpdate]) -> None:
+async def update_enrollments(connection: SqlConnection, rows: Sequence[EnrollmentUpdate]) -> None:
     await update_rows(
         connection,
         enrollments,
@@ -916,7 +914,7 @@ async def update_enrollments(connection: AsyncConnection, rows: Sequence[Enrollm
 NewTransition = tuple[int, str, str | None, str | None, datetime, str]
 
 
-async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTransition]) -> None:
+async def insert_transitions(connection: SqlConnection, rows: Sequence[NewTransition]) -> None:
     await insert_rows(
         connection,
         transitions,
@@ -932,7 +930,7 @@ async def insert_transitions(connection: AsyncConnection, rows: Sequence[NewTran
 NewGoal = tuple[int, str, str, datetime, float | None]
 
 
-async def insert_goals(connection: AsyncConnection, rows: Sequence[NewGoal]) -> None:
+async def insert_goals(connection: SqlConnection, rows: Sequence[NewGoal]) -> None:
     await insert_rows(
         connection,
         goals,
@@ -948,7 +946,7 @@ async def insert_goals(connection: AsyncConnection, rows: Sequence[NewGoal]) -> 
 NewTimer = tuple[datetime, int, int, str, int, int]
 
 
-async def insert_timers(connection: AsyncConnection, rows: Sequence[NewTimer]) -> None:
+async def insert_timers(connection: SqlConnection, rows: Sequence[NewTimer]) -> None:
     await insert_rows(
         connection,
         timers,
@@ -960,11 +958,11 @@ async def insert_timers(connection: AsyncConnection, rows: Sequence[NewTimer]) -
     )
 
 
-async def delete_timers(connection: AsyncConnection, timer_ids: Sequence[int]) -> None:
+async def delete_timers(connection: SqlConnection, timer_ids: Sequence[int]) -> None:
     await execute_for_ids(connection, "DELETE FROM timers WHERE id IN ({ids})", (), timer_ids)
 
 
-async def delete_timers_of(connection: AsyncConnection, enrollment_ids: Sequence[int]) -> None:
+async def delete_timers_of(connection: SqlConnection, enrollment_ids: Sequence[int]) -> None:
     await execute_for_ids(
         connection, "DELETE FROM timers WHERE enrollment_id IN ({ids})", (), enrollment_ids
     )
@@ -1007,7 +1005,7 @@ OUTBOX_COLUMNS = (
 )
 
 
-async def insert_outbox(connection: AsyncConnection, rows: Sequence[NewChannelAction]) -> None:
+async def insert_outbox(connection: SqlConnection, rows: Sequence[NewChannelAction]) -> None:
     """Channel actions, pending; one that ran already for its idempotency key is ignored."""
     await insert_rows(
         connection,
@@ -1026,7 +1024,7 @@ async def insert_outbox(connection: AsyncConnection, rows: Sequence[NewChannelAc
 AudienceAdd = tuple[str, int, str, datetime, datetime | None]
 
 
-async def add_to_audiences(connection: AsyncConnection, rows: Sequence[AudienceAdd]) -> None:
+async def add_to_audiences(connection: SqlConnection, rows: Sequence[AudienceAdd]) -> None:
     """A current member keeps its original add time; a former member is added again from
     its new add time. The row is marked changed for the exports (`seq` null) unless it
     was and stays a member; a former member back, or one added and removed in one
@@ -1054,9 +1052,7 @@ async def add_to_audiences(connection: AsyncConnection, rows: Sequence[AudienceA
 AudienceRemoval = tuple[str, int, datetime]
 
 
-async def remove_from_audiences(
-    connection: AsyncConnection, rows: Sequence[AudienceRemoval]
-) -> None:
+async def remove_from_audiences(connection: SqlConnection, rows: Sequence[AudienceRemoval]) -> None:
     """Only current members are removed. One row per (audience, lead)."""
     await update_rows(
         connection,
@@ -1069,7 +1065,7 @@ async def remove_from_audiences(
     )
 
 
-async def renumber_memberships(connection: AsyncConnection, lead_ids: Sequence[int]) -> None:
+async def renumber_memberships(connection: SqlConnection, lead_ids: Sequence[int]) -> None:
     """The leads' current memberships changed (their identifiers did): numbered again,
     so that the next sync of each audience sends them anew."""
     if lead_ids:

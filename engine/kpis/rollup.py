@@ -154,7 +154,7 @@ class Deltas:
             counts[0] += sign * stays
             counts[1] += sign * seconds
 
-    async def write(self, connection: AsyncConnection) -> None:
+    async def write(self, connection: SqlConnection) -> None:
         shard = _shard(connection)
         await _add(
             connection,
@@ -183,7 +183,7 @@ class Deltas:
 
 
 async def record_batch(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     counted: Sequence[tuple[int, JourneyEffect]],
     sources: Mapping[int, str],
     sources_moved: Collection[int],
@@ -433,7 +433,7 @@ OFFER_COUNTERS = ("granted", "redeemed", "expired", "refused")
 
 
 async def load_figures(
-    connection: AsyncConnection, lead_ids: Iterable[int]
+    connection: SqlConnection, lead_ids: Iterable[int]
 ) -> dict[LeadKey, LeadFigures]:
     rows = await rows_for_ids(
         connection,
@@ -449,7 +449,7 @@ async def load_figures(
 
 
 async def _write_figures(
-    connection: AsyncConnection,
+    connection: SqlConnection,
     before: Mapping[LeadKey, LeadFigures],
     after: Mapping[LeadKey, LeadFigures],
     deltas: Deltas,
@@ -463,12 +463,9 @@ async def _write_figures(
     for key, figures in changed:
         deltas.lead(key[0], figures)
     gone = [key for key in before if key not in after]
-    for journey_id, lead_id in gone:
-        await connection.execute(
-            delete(kpi_leads).where(
-                kpi_leads.c.journey_id == journey_id, kpi_leads.c.lead_id == lead_id
-            )
-        )
+    await execute_rows(
+        connection, "DELETE FROM kpi_leads WHERE journey_id = ? AND lead_id = ?", gone
+    )
     if changed:
         await insert_rows(
             connection,

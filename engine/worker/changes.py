@@ -13,9 +13,9 @@ from datetime import datetime
 from typing import Any, cast
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
+from engine.db.database import SqlConnection
 from engine.db.types import from_micros
 from engine.kpis.rollup import record_batch
 from engine.kpis.sources import FirstTouch
@@ -155,7 +155,9 @@ class Changes:
             self.enrollments[(lead_id, enrollment.journey_id, enrollment.entry_no)] = enrollment
         self.effects.extend((lead_id, effect) for effect in effects)
 
-    async def write(self, connection: AsyncConnection) -> None:
+    async def write(self, connection: SqlConnection) -> None:
+        """Everything, in a few bulk statements. Plain SQL only (`SqlConnection`): the
+        worker runs it in one trip to SQLite's thread (`Database.within_write`)."""
         await self._write_enrollments(connection)
         ids = self.enrollment_ids
         transitions: list[queries.NewTransition] = []
@@ -245,7 +247,7 @@ class Changes:
         if self.kpis:
             await record_batch(connection, counted, self.sources, self.sources_moved)
 
-    async def _write_enrollments(self, connection: AsyncConnection) -> None:
+    async def _write_enrollments(self, connection: SqlConnection) -> None:
         new: list[EnrollmentKey] = []
         new_rows: list[queries.NewEnrollment] = []
         changed: list[queries.EnrollmentUpdate] = []

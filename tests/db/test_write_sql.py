@@ -1,6 +1,9 @@
 """`Database.write_sql`: a write transaction of plain SQL, on SQLite run whole in the
 driver's thread. Committed when the work returns, rolled back when it raises, on both
-databases; on SQLite, work that awaits anything but its statements is refused."""
+databases; on SQLite, work that awaits anything but its statements is refused.
+
+`Database.within_write`: plain SQL inside a `write()` transaction under way, on SQLite
+in one trip to the driver's thread: part of that transaction, whatever ends it."""
 
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ async def insert_lead(connection: SqlConnection) -> int:
     result = await connection.exec_driver_sql(driver_sql(connection, INSERT_LEAD), (1, 1))
     [(lead_id,)] = result.fetchall()
     return int(lead_id)
+
+
+class Refused(Exception):
+    pass
+
+
+async def count_leads(connection: SqlConnection) -> int:
+    [(count,)] = (await connection.exec_driver_sql("SELECT count(*) FROM leads")).fetchall()
+    return int(count)
 
 
 async def lead_ids(db: Database) -> list[int]:
@@ -86,9 +98,6 @@ async def test_rows_given_as_a_list_are_one_executemany(db: Database) -> None:
 
 
 async def test_work_that_raises_leaves_nothing_and_the_next_write_goes_on(db: Database) -> None:
-    class Refused(Exception):
-        pass
-
     async def failing(connection: SqlConnection) -> None:
         await insert_lead(connection)
         raise Refused
@@ -128,6 +137,71 @@ async def test_on_sqlite_work_that_awaits_anything_else_is_refused_and_rolled_ba
     assert await lead_ids(sqlite_db) == []
     await sqlite_db.write_sql(insert_lead)
     assert len(await lead_ids(sqlite_db)) == 1
+
+
+async def test_work_within_a_write_sees_its_transaction_and_commits_with_it(db: Database) -> None:
+    async with db.write() as connection:
+        before = await insert_lead(connection)
+        seen = await db.within_write(connection, count_leads)
+        within = await db.within_write(connection, insert_lead)
+        after = await insert_lead(connection)
+
+    assert seen == 1  # the row written before it, not committed yet
+    assert await lead_ids(db) == sorted([before, within, after])
+
+
+async def test_work_within_a_write_rolls_back_with_it(db: Database) -> None:
+    with pytest.raises(Refused):
+        async with db.write() as connection:
+            await db.within_write(connection, insert_lead)
+            raise Refused
+    assert await lead_ids(db) == []
+
+    async def failing(connection: SqlConnection) -> None:
+        await insert_lead(connection)
+        raise Refused
+
+    with pytest.raises(Refused):
+        async with db.write() as connection:
+            await insert_lead(connection)
+            await db.within_write(connection, failing)
+    assert await lead_ids(db) == []
+
+    kept = await db.write_sql(insert_lead)
+    assert await lead_ids(db) == [kept]
+
+
+async def test_on_sqlite_work_within_a_write_runs_off_the_event_loop(sqlite_db: Database) -> None:
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    async def work(connection: SqlConnection) -> None:
+        seen.append(threading.get_ident())
+        await insert_lead(connection)
+        seen.append(threading.get_ident())
+
+    async with sqlite_db.write() as connection:
+        await sqlite_db.within_write(connection, work)
+
+    assert len(seen) == 2 and seen[0] == seen[1] != loop_thread
+    assert len(await lead_ids(sqlite_db)) == 1
+
+
+async def test_on_sqlite_work_within_anything_but_the_write_under_way_is_refused(
+    sqlite_db: Database,
+) -> None:
+    async with sqlite_db.read() as connection:
+        with pytest.raises(RuntimeError, match="needs the write transaction"):
+            await sqlite_db.within_write(connection, insert_lead)
+
+    async def wanders(connection: SqlConnection) -> None:
+        await insert_lead(connection)
+        await asyncio.sleep(0)
+
+    with pytest.raises(RuntimeError, match="awaited something other than"):
+        async with sqlite_db.write() as connection:
+            await sqlite_db.within_write(connection, wanders)
+    assert await lead_ids(sqlite_db) == []
 
 
 async def test_rows_returned_but_never_fetched_are_stored_all_the_same(db: Database) -> None:
