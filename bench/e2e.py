@@ -17,7 +17,7 @@ worker each have a core, as `cjm serve --worker-process` does on a machine of tw
 more cores.
 Beside each rate: how busy the run kept the machine's cores (the benchmark's processes
 and PostgreSQL's, over the wall time), which says whether the cores or the waits
-between them set the pace.
+between them set the pace; and the CPU each event cost in each process.
 `--lanes N` gives the worker N batches of events in flight at once on PostgreSQL
 instead of its default (engine/worker/loop.py), to compare.
 """
