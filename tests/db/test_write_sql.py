@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,28 @@ class Refused(Exception):
 async def count_leads(connection: SqlConnection) -> int:
     [(count,)] = (await connection.exec_driver_sql("SELECT count(*) FROM leads")).fetchall()
     return int(count)
+
+
+async def insert_then_refuse(connection: SqlConnection) -> None:
+    await insert_lead(connection)
+    raise Refused
+
+
+async def insert_then_wander(connection: SqlConnection) -> None:
+    """Awaits something other than its statements, which SQLite's thread cannot run."""
+    await insert_lead(connection)
+    await asyncio.sleep(0)
+
+
+def insert_noting_threads(seen: list[int]) -> Callable[[SqlConnection], Awaitable[None]]:
+    """Work that inserts a lead, noting the thread it ran on before and after."""
+
+    async def work(connection: SqlConnection) -> None:
+        seen.append(threading.get_ident())
+        await insert_lead(connection)
+        seen.append(threading.get_ident())
+
+    return work
 
 
 async def lead_ids(db: Database) -> list[int]:
@@ -98,12 +120,8 @@ async def test_rows_given_as_a_list_are_one_executemany(db: Database) -> None:
 
 
 async def test_work_that_raises_leaves_nothing_and_the_next_write_goes_on(db: Database) -> None:
-    async def failing(connection: SqlConnection) -> None:
-        await insert_lead(connection)
-        raise Refused
-
     with pytest.raises(Refused):
-        await db.write_sql(failing)
+        await db.write_sql(insert_then_refuse)
     assert await lead_ids(db) == []
 
     kept = await db.write_sql(insert_lead)
@@ -115,12 +133,7 @@ async def test_on_sqlite_the_work_runs_off_the_event_loop_in_one_trip(sqlite_db:
     loop_thread = threading.get_ident()
     seen: list[int] = []
 
-    async def work(connection: SqlConnection) -> None:
-        seen.append(threading.get_ident())
-        await insert_lead(connection)
-        seen.append(threading.get_ident())
-
-    await sqlite_db.write_sql(work)
+    await sqlite_db.write_sql(insert_noting_threads(seen))
 
     assert len(seen) == 2 and seen[0] == seen[1] != loop_thread
 
@@ -128,12 +141,8 @@ async def test_on_sqlite_the_work_runs_off_the_event_loop_in_one_trip(sqlite_db:
 async def test_on_sqlite_work_that_awaits_anything_else_is_refused_and_rolled_back(
     sqlite_db: Database,
 ) -> None:
-    async def wanders(connection: SqlConnection) -> None:
-        await insert_lead(connection)
-        await asyncio.sleep(0)
-
     with pytest.raises(RuntimeError, match="awaited something other than"):
-        await sqlite_db.write_sql(wanders)
+        await sqlite_db.write_sql(insert_then_wander)
     assert await lead_ids(sqlite_db) == []
     await sqlite_db.write_sql(insert_lead)
     assert len(await lead_ids(sqlite_db)) == 1
@@ -157,14 +166,10 @@ async def test_work_within_a_write_rolls_back_with_it(db: Database) -> None:
             raise Refused
     assert await lead_ids(db) == []
 
-    async def failing(connection: SqlConnection) -> None:
-        await insert_lead(connection)
-        raise Refused
-
     with pytest.raises(Refused):
         async with db.write() as connection:
             await insert_lead(connection)
-            await db.within_write(connection, failing)
+            await db.within_write(connection, insert_then_refuse)
     assert await lead_ids(db) == []
 
     kept = await db.write_sql(insert_lead)
@@ -175,13 +180,8 @@ async def test_on_sqlite_work_within_a_write_runs_off_the_event_loop(sqlite_db: 
     loop_thread = threading.get_ident()
     seen: list[int] = []
 
-    async def work(connection: SqlConnection) -> None:
-        seen.append(threading.get_ident())
-        await insert_lead(connection)
-        seen.append(threading.get_ident())
-
     async with sqlite_db.write() as connection:
-        await sqlite_db.within_write(connection, work)
+        await sqlite_db.within_write(connection, insert_noting_threads(seen))
 
     assert len(seen) == 2 and seen[0] == seen[1] != loop_thread
     assert len(await lead_ids(sqlite_db)) == 1
@@ -194,13 +194,9 @@ async def test_on_sqlite_work_within_anything_but_the_write_under_way_is_refused
         with pytest.raises(RuntimeError, match="needs the write transaction"):
             await sqlite_db.within_write(connection, insert_lead)
 
-    async def wanders(connection: SqlConnection) -> None:
-        await insert_lead(connection)
-        await asyncio.sleep(0)
-
     with pytest.raises(RuntimeError, match="awaited something other than"):
         async with sqlite_db.write() as connection:
-            await sqlite_db.within_write(connection, wanders)
+            await sqlite_db.within_write(connection, insert_then_wander)
     assert await lead_ids(sqlite_db) == []
 
 
