@@ -317,7 +317,7 @@ def _transaction_in_thread(
 ) -> T:
     raw.execute("BEGIN IMMEDIATE")
     try:
-        result = _run_without_suspending(work(_ThreadConnection(raw)))
+        result = _within_transaction_in_thread(raw, work)
         raw.execute("COMMIT")
     except BaseException:
         if raw.in_transaction:
