@@ -150,7 +150,6 @@ class Transition(Base):
     """The history: every move of an enrollment, with its cause."""
 
     __tablename__ = "transitions"
-    __table_args__ = (Index("ix_transitions_journey_id_at", "journey_id", "at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     enrollment_id: Mapped[int] = mapped_column(BigId, index=True)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from random import getrandbits
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -43,21 +43,53 @@ class InvalidMessage(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, slots=True)
 class Message:
-    """One accepted tracking call, as the inbox stores it."""
+    """One accepted tracking call, as the inbox stores it.
 
-    type: MessageType
-    name: str
-    message_id: str
-    user_id: str | None
-    anonymous_id: str | None
-    previous_id: str | None
-    timestamp: datetime
-    received_at: datetime
-    properties: dict[str, Any]
-    context: dict[str, Any]
-    traits: dict[str, Any]
+    Immutable as a frozen dataclass would be, checked by the type checker (`Final`)
+    rather than at run time: a frozen dataclass sets each field through
+    `object.__setattr__`, and building one took 2.2 µs of each event's ingestion; this
+    `__init__` takes 0.8."""
+
+    type: Final[MessageType]
+    name: Final[str]
+    message_id: Final[str]
+    user_id: Final[str | None]
+    anonymous_id: Final[str | None]
+    previous_id: Final[str | None]
+    timestamp: Final[datetime]
+    received_at: Final[datetime]
+    properties: Final[dict[str, Any]]
+    context: Final[dict[str, Any]]
+    traits: Final[dict[str, Any]]
+
+    def __init__(
+        self,
+        *,
+        type: MessageType,
+        name: str,
+        message_id: str,
+        user_id: str | None,
+        anonymous_id: str | None,
+        previous_id: str | None,
+        timestamp: datetime,
+        received_at: datetime,
+        properties: dict[str, Any],
+        context: dict[str, Any],
+        traits: dict[str, Any],
+    ) -> None:
+        self.type = type
+        self.name = name
+        self.message_id = message_id
+        self.user_id = user_id
+        self.anonymous_id = anonymous_id
+        self.previous_id = previous_id
+        self.timestamp = timestamp
+        self.received_at = received_at
+        self.properties = properties
+        self.context = context
+        self.traits = traits
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,19 +251,22 @@ def _batch_item(
     return _checked_message(item, cast(MessageType, type_), received_at, batch_context, call_id)
 
 
+_CONTAINERS = (dict, list)
+
+
 def _refuse_deep(message: dict[str, Any]) -> None:
-    """Refuse a message with objects and arrays nested more than MAX_DEPTH levels."""
-    level: list[Any] = [message]
-    for _ in range(MAX_DEPTH):
-        level = [
-            child
-            for value in level
-            for child in (value.values() if isinstance(value, dict) else value)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return
-    raise InvalidMessage(f"the message is nested more than {MAX_DEPTH} levels deep")
+    """Refuse a message with objects and arrays nested more than MAX_DEPTH levels.
+
+    Each object and array is visited once, from a stack, rather than in a list built
+    per level: 1.3 µs for a page call of `bench/e2e.py`, against 2.3."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, _CONTAINERS):
+                if depth == MAX_DEPTH:
+                    raise InvalidMessage(f"the message is nested more than {MAX_DEPTH} levels deep")
+                stack.append((child, depth + 1))
 
 
 def _given_message_id(item: object) -> str | None:

@@ -120,9 +120,11 @@ class Changes:
         first_touch_moved: bool,
         traits_before: Mapping[str, Any],
     ) -> None:
-        if outcome.lead.traits is not traits_before and _identity_moved(
-            traits_before, outcome.lead.traits
-        ):
+        # The core hands back a new dict of traits whether or not they changed: compared
+        # whole first (in C), since a timeout's move changes none and the look at each
+        # identity trait cost 1 µs a lead.
+        traits_after = outcome.lead.traits
+        if traits_after != traits_before and _identity_moved(traits_before, traits_after):
             self.identities_moved.append(lead_id)
         traits = dict(outcome.lead.traits)
         self.leads.append(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from engine.ingest.messages import (
+    MAX_DEPTH,
     MAX_MESSAGE_BYTES,
     InvalidMessage,
     MessageType,
@@ -214,6 +215,40 @@ def test_an_invalid_message_is_refused_with_a_precise_reason(
 def test_a_message_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(InvalidMessage, match="a message must be a JSON object"):
         parse_message([1], "track", RECEIVED)
+
+
+def _nested(levels: int, shape: str) -> Any:
+    """`levels` levels of objects and arrays around a string, by `shape` from the
+    outside in ("o" an object, "a" an array, repeated), each beside plain values."""
+    value: Any = "leaf"
+    for level in reversed(range(levels)):
+        value = {"k": value, "n": 1} if shape[level % len(shape)] == "o" else [0, value, "x"]
+    return value
+
+
+@pytest.mark.parametrize("shape", ["o", "a", "oa", "aao"])
+def test_nesting_is_refused_one_level_past_the_limit_and_not_at_it(shape: str) -> None:
+    """The message is the first level and `properties` the second, so a value under
+    it of MAX_DEPTH - 2 levels reaches the limit; shallow siblings around it."""
+
+    def properties(levels: int) -> dict[str, Any]:
+        return {"a": [1, {"b": [2]}], "deep": _nested(levels, shape), "z": {}}
+
+    at_limit = parse("track", userId="u1", event="e", properties=properties(MAX_DEPTH - 2))
+    assert at_limit.properties == properties(MAX_DEPTH - 2)
+    expected = f"the message is nested more than {MAX_DEPTH} levels deep"
+    assert reason("track", userId="u1", event="e", properties=properties(MAX_DEPTH - 1)) == expected
+    batch = parse_batch(
+        {
+            "batch": [
+                {"type": "track", "userId": "u1", "event": "e", "properties": properties(n)}
+                for n in (MAX_DEPTH - 2, MAX_DEPTH - 1)
+            ]
+        },
+        RECEIVED,
+    )
+    assert [m.properties for m in batch.messages] == [properties(MAX_DEPTH - 2)]
+    assert [(r.index, r.error) for r in batch.rejected] == [(1, expected)]
 
 
 def test_malformed_json_is_refused_with_the_parser_reason() -> None:
