@@ -75,11 +75,12 @@ def worktree(revision: str) -> Iterator[Path]:
     commit = git("rev-parse", "--verify", f"{revision}^{{commit}}")
     parent = Path(tempfile.mkdtemp(prefix="cjm-compare-"))
     tree = parent / commit[:12]
-    git("worktree", "add", "--detach", str(tree), commit)
     try:
+        git("worktree", "add", "--detach", str(tree), commit)
         yield tree
     finally:
-        git("worktree", "remove", "--force", str(tree))
+        if tree.exists():
+            git("worktree", "remove", "--force", str(tree))
         shutil.rmtree(parent, ignore_errors=True)
 
 
