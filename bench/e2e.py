@@ -114,15 +114,17 @@ _N = 987_654_321
 _AT = datetime(2001, 2, 3, 4, 5, 6, 789000, tzinfo=UTC)
 
 
-def _call_templates() -> list[str]:
+def _call_templates() -> list[tuple[str, int]]:
     """Each of the five calls of `lead_events` as JSON text, with `%(n)d` and `%(at)s`
-    where a lead's number and the call's time go."""
+    where a lead's number and the call's time go; beside it, the call's time after the
+    lead's first call, in microseconds."""
     templates = []
     for call in lead_events(_N, _AT):
         stamp = call["timestamp"]
         text = orjson.dumps(call).decode().replace("%", "%%")
         assert text.count(str(_N)) >= 1 and text.count(stamp) == 1
-        templates.append(text.replace(str(_N), "%(n)d").replace(stamp, "%(at)s"))
+        offset = to_micros(datetime.fromisoformat(stamp)) - to_micros(_AT)
+        templates.append((text.replace(str(_N), "%(n)d").replace(stamp, "%(at)s"), offset))
     return templates
 
 
@@ -150,13 +152,9 @@ def bodies(leads: int) -> Iterator[bytes]:
     # enough for a timeout (the shortest, 2h in first_contact) to move it elsewhere.
     began = to_micros(datetime.now(UTC) - timedelta(hours=1))
     templates = _call_templates()
-    offsets = [
-        to_micros(datetime.fromisoformat(call["timestamp"])) - to_micros(_AT)
-        for call in lead_events(_N, _AT)
-    ]
     for first in range(0, leads, BLOCK):
         block = range(first, min(first + BLOCK, leads))
-        for template, offset in zip(templates, offsets, strict=True):
+        for template, offset in templates:
             calls = [
                 template % {"n": n, "at": _timestamp(began + n * 1000 + offset)} for n in block
             ]

@@ -126,7 +126,7 @@ class Changes:
         traits_after = outcome.lead.traits
         if traits_after != traits_before and _identity_moved(traits_before, traits_after):
             self.identities_moved.append(lead_id)
-        traits = dict(outcome.lead.traits)
+        traits = dict(traits_after)
         self.leads.append(
             (
                 lead_id,
