@@ -699,44 +699,37 @@ async def load_enrollments(
     return [EnrollmentRow._make((*row[:-1], json_value(row[-1]) or [])) for row in rows]
 
 
-# Run on every batch: built once per database kind (see `_claim_through`).
-_PENDING_MERGES = {
-    dialect: select(
-        events.c.id, events.c.lead_id, events.c.merge_lead_id, events.c.timestamp
-    ).where(
-        _among(dialect, events.c.lead_id, "ids"),
-        events.c.merge_lead_id.is_not(None),
-        text(STILL_PENDING),
-    )
-    for dialect in ("sqlite", "postgresql")
-}
-
-
 async def merges_pending(
-    connection: AsyncConnection, lead_ids: Sequence[int]
+    connection: SqlConnection, lead_ids: Sequence[int]
 ) -> list[tuple[int, int]]:
     """(lead_id, merge_lead_id) of pending events of live leads that say two leads are
     one person, oldest first; the partner may have been merged into a third lead since.
 
-    Two plain queries rather than a join: a join planned on a freshly filled events
-    table (no statistics yet) can rescan every pending event once per lead.
+    Asked on every batch, as plain SQL: the worker runs it in its trip to SQLite's
+    thread with the batch's loads. Two plain queries rather than a join: a join planned
+    on a freshly filled events table (no statistics yet) can rescan every pending event
+    once per lead.
     """
-    found: list[Any] = []
-    statement = _PENDING_MERGES[connection.dialect.name]
-    for part in chunks(lead_ids):
-        found.extend(await connection.execute(statement, {"ids": list(part)}))
+    found = await rows_for_ids(
+        connection,
+        "SELECT id, lead_id, merge_lead_id, timestamp FROM events"
+        f" WHERE lead_id {{among}} AND merge_lead_id IS NOT NULL AND {STILL_PENDING}",
+        (),
+        lead_ids,
+    )
     if not found:
         return []
-    live = set(
-        await connection.scalars(
-            select(leads.c.id).where(
-                among(connection, leads.c.id, sorted({row.lead_id for row in found})),
-                leads.c.merged_into.is_(None),
-            )
-        )
+    live = await rows_for_ids(
+        connection,
+        "SELECT id FROM leads WHERE id {among} AND merged_into IS NULL",
+        (),
+        sorted({lead_id for _, lead_id, _, _ in found}),
     )
-    found.sort(key=lambda row: (row.timestamp, row.id))
-    return [(row.lead_id, row.merge_lead_id) for row in found if row.lead_id in live]
+    live_ids = {lead_id for (lead_id,) in live}
+    found.sort(key=lambda row: (row[3], row[0]))  # timestamp, then arrival
+    return [
+        (lead_id, merge_lead_id) for _, lead_id, merge_lead_id, _ in found if lead_id in live_ids
+    ]
 
 
 # --- writing a batch -----------------------------------------------------------------------------

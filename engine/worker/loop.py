@@ -111,10 +111,11 @@ class Worker:
         while True:
             if lane and not backlog:
                 await wakeup.wait()
+            announced = wakeup.is_set()
             wakeup.clear()
             backlog = False
             try:
-                processed = await processor.process_events()
+                processed = await processor.process_events(announced=announced)
             except Exception:
                 then = "the first lane retries" if lane else "retrying"
                 log.exception("event processing failed (lane %d); %s", lane, then)

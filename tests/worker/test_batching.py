@@ -151,6 +151,31 @@ async def test_only_a_batch_after_one_that_was_not_full_looks_on_a_reader_first(
     assert await engine.pending_events() == 0
 
 
+async def test_a_batch_of_announced_events_does_not_look_on_a_reader_first(
+    engine: Engine,
+) -> None:
+    """Events the inbox says it committed are known to wait: the look would cost a read
+    transaction for nothing. A batch that then finds none claims nothing, and says so."""
+    db = engine.runtime.db
+    processor = Processor(db, engine.runtime.book, engine.clock, batch_leads=10)
+    looks = 0
+    read = db.read
+
+    def counted_read() -> Any:
+        nonlocal looks
+        looks += 1
+        return read()
+
+    db.read = counted_read  # type: ignore[method-assign]
+    await _send_leads(engine, 3)
+    assert await processor.process_events(announced=True) == 3
+    assert await processor.process_events(announced=True) == 0
+    assert looks == 0
+    assert await processor.process_events() == 0
+    assert looks == 1
+    assert await engine.pending_events() == 0
+
+
 async def test_a_batch_that_keeps_another_writer_waiting_knows_it(engine: Engine) -> None:
     """On SQLite another write waits for the batch to commit, and the batch is told so;
     on PostgreSQL writers do not wait for one another, so no batch is ever contended."""

@@ -8,11 +8,13 @@ import contextlib
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.db import queries
+from engine.worker import loop
 from engine.worker.loop import Worker
 from engine.worker.processor import Processor
 from tests.worker.conftest import Engine
@@ -175,3 +177,44 @@ async def test_a_second_lane_that_fails_waits_for_the_first_to_find_a_backlog(
 
     assert failures(1) == 1
     assert await engine.pending_events() == LEADS - BATCH
+
+
+class Recording(Processor):
+    """A processor that notes, for each batch of events, whether the events were
+    announced to it and how many leads it took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[tuple[bool, int]] = []
+        self.batch_done = asyncio.Event()
+
+    async def process_events(self, *, announced: bool = False) -> int:
+        taken = await super().process_events(announced=announced)
+        self.batches.append((announced, taken))
+        self.batch_done.set()
+        return taken
+
+
+async def test_events_the_inbox_announces_are_taken_as_announced(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a wake the first lane's batch is told that events wait (no look on a
+    reader first); after a poll that timed out, it is not."""
+    monkeypatch.setattr(loop, "IDLE_POLL_S", DEADLINE_S)  # only a wake ends the wait
+    runtime = engine.runtime
+    processor = Recording(runtime.db, runtime.book, engine.clock)
+    worker = Worker(processor)
+    await worker.start()
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await processor.batch_done.wait()  # the first poll, before anything was sent
+            for number in range(3):
+                await engine.send("page", anonymousId=f"a{number}", properties=CATALOG)
+            processor.batch_done.clear()
+            worker.wake()
+            await processor.batch_done.wait()
+    finally:
+        await worker.stop()
+
+    assert processor.batches == [(False, 0), (True, 3)]
+    assert await engine.pending_events() == 0

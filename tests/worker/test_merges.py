@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from engine.db.schema import enrollments, leads
+from sqlalchemy import insert
+
+from engine.db.schema import enrollments, events, leads
 from tests.worker.conftest import Engine
 
 CATALOG = {"path": "/catalog/steel"}
@@ -82,3 +84,38 @@ async def test_merging_a_lead_with_several_runs_numbers_them_in_order_of_entry(
     assert await engine.stages(await engine.lead_id(anonymous_id="someone-else")) == [
         ("visitor", "active")
     ]
+
+
+async def test_an_event_routed_to_a_lead_as_it_was_merged_goes_on_to_the_lead_it_joined(
+    engine: Engine,
+) -> None:
+    await engine.send("page", anonymousId="x", properties=CATALOG)
+    await engine.send("page", userId="u", properties=CATALOG)
+    await engine.run()
+    x, u = await engine.lead_id(anonymous_id="x"), await engine.lead_id(user_id="u")
+    await engine.send("identify", userId="u", anonymousId="x")
+    await engine.run(timedelta(minutes=1))
+    assert (await engine.lead(x)).merged_into == u
+    # Ingestion routed this page to x just before the merge committed.
+    engine.clock.advance(timedelta(minutes=1))
+    async with engine.runtime.db.write() as connection:
+        await connection.execute(
+            insert(events).values(
+                message_id="late-page",
+                lead_id=x,
+                type="page",
+                name="page",
+                timestamp=engine.clock.now(),
+                received_at=engine.clock.now(),
+                anonymous_id="x",
+                data={"properties": {"path": "/landing/steel"}},
+            )
+        )
+    await engine.run()
+
+    (late,) = await engine.rows(events, message_id="late-page")
+    assert (late.lead_id, late.processed_at is not None) == (u, True)
+    # x's run entered first: it went on in u (u's own ended), and the page moves it.
+    assert await engine.stages(u) == [("visitor", "exited"), ("interested", "active")]
+    assert await engine.stages(x) == []
+    assert await engine.pending_events() == 0
