@@ -33,8 +33,9 @@ from engine.worker.merge import merge_leads
 
 log = logging.getLogger("cjm.worker")
 
-# Claims up to the given number of leads, as of the given time.
-Claim = Callable[[AsyncConnection, datetime, int], Awaitable[list[int]]]
+# Claims up to the given number of leads, as of the given time (plain SQL: it runs in the
+# batch's trip to SQLite's thread with the loads).
+Claim = Callable[[SqlConnection, datetime, int], Awaitable[list[int]]]
 
 # A lead whose processing raised (a bug, not bad luck: the core is deterministic) has
 # its due timers put back by this much, so it cannot spin the worker.
@@ -147,7 +148,7 @@ class Processor:
                 continue
 
             async def claim(
-                connection: AsyncConnection, _: datetime, limit: int, journey: Journey = journey
+                connection: SqlConnection, _: datetime, limit: int, journey: Journey = journey
             ) -> list[int]:
                 stages = [stage.id for stage in journey.stages]
                 return await queries.claim_leads_on_old_versions(
@@ -167,29 +168,42 @@ class Processor:
         async with self.db.write() as connection:
             # From the writer's turn on, not from asking for it: the time others wait.
             started = time.perf_counter()
-            lead_ids = await claim(connection, now, limit)
-            claimed = len(lead_ids)
+
+            async def claim_now(sql: SqlConnection) -> list[int]:
+                return await claim(sql, now, limit)
+
+            loaded = await self._load(connection, now, claim=claim_now)
+            claimed = len(loaded.lead_ids)
             if not claimed:
                 return 0, False
-            done = await self._run(connection, lead_ids, now, tally)
+            done = await self._run(connection, loaded, now, tally)
             others_waited = self.db.others_wait()
         size.observe(claimed, time.perf_counter() - started, others_waited=others_waited)
         count_worker_batch(tally.transitions, tally.timer_lags)
         return done, claimed >= limit
 
     async def _load(
-        self, connection: AsyncConnection, lead_ids: Sequence[int], now: datetime
+        self,
+        connection: AsyncConnection,
+        now: datetime,
+        *,
+        claim: Callable[[SqlConnection], Awaitable[list[int]]] | None = None,
+        lead_ids: Sequence[int] = (),
     ) -> _Loaded:
-        """Everything the machine needs about the leads, in one trip to SQLite's thread:
-        the merges their pending events ask for, the leads, their pending events, due
-        timers and runs. Through SQLAlchemy the merges and the leads took a trip each,
-        about 0.2 ms of CPU apiece, paid many times a second by the batches of a few
-        dozen leads that tracking traffic makes (bench/batches.py).
+        """The batch's leads, claimed by `claim` or else `lead_ids`, and everything the
+        machine needs about them, in one trip to SQLite's thread: the merges their
+        pending events ask for, the leads, their pending events, due timers and runs.
+        Through SQLAlchemy the claim, the merges and the leads took a trip each, about
+        0.2 ms of CPU apiece, paid many times a second by the batches of a few dozen
+        leads that tracking traffic makes (bench/batches.py).
         """
-        ids = sorted(lead_ids)
 
         async def load(sql: SqlConnection) -> _Loaded:
+            ids = sorted(lead_ids if claim is None else await claim(sql))
+            if not ids:
+                return _Loaded([], [], [], [], [], [])
             return _Loaded(
+                ids,
                 await queries.merges_pending(sql, ids),
                 await queries.load_leads(sql, ids),
                 await queries.load_pending_events(sql, ids, self.batch_events),
@@ -236,14 +250,14 @@ class Processor:
         return [lead for lead in lead_ids if lead not in waiting and lead not in absorbed]
 
     async def _run(
-        self, connection: AsyncConnection, lead_ids: list[int], now: datetime, tally: Tally
+        self, connection: AsyncConnection, loaded: _Loaded, now: datetime, tally: Tally
     ) -> int:
-        """Advance the claimed leads; how many were taken forward (not left for later)."""
-        loaded = await self._load(connection, lead_ids, now)
+        """Advance the claimed leads (as loaded); how many were taken forward (not left
+        for later)."""
         # Rare, as merges are: carried out through SQLAlchemy, then the leads loaded again.
         if loaded.merges:
-            lead_ids = await self._merge(connection, lead_ids, now)
-            loaded = await self._load(connection, lead_ids, now)
+            lead_ids = await self._merge(connection, loaded.lead_ids, now)
+            loaded = await self._load(connection, now, lead_ids=lead_ids)
         # A lead absorbed by an earlier batch: its events go on to the lead it joined,
         # for a later batch (counted as taken forward, so that one follows at once).
         absorbed = [
@@ -253,7 +267,7 @@ class Processor:
             for lead_id, survivor in absorbed:
                 await queries.forward_to_survivor(connection, lead_id, survivor)
             live_ids = [row.id for row in loaded.leads if row.merged_into is None]
-            loaded = await self._load(connection, live_ids, now)
+            loaded = await self._load(connection, now, lead_ids=live_ids)
         live = sorted(loaded.leads, key=lambda row: row.id)
         pending, due, enrollment_rows = loaded.pending, loaded.due, loaded.enrollments
         events_by_lead = _group(pending)
@@ -348,6 +362,7 @@ Row = TypeVar("Row", queries.EventRow, queries.DueTimerRow)
 class _Loaded(NamedTuple):
     """What one trip loads for a batch (`Processor._load`)."""
 
+    lead_ids: list[int]  # ascending
     merges: list[tuple[int, int]]  # (lead, the lead it is to absorb), as `merges_pending`
     leads: list[queries.LeadRow]
     pending: list[queries.EventRow]
