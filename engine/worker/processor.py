@@ -165,13 +165,13 @@ class Processor:
         now = self.clock.now()
         tally = Tally()
         limit = size.leads
+
+        async def claim_now(sql: SqlConnection) -> list[int]:
+            return await claim(sql, now, limit)
+
         async with self.db.write() as connection:
             # From the writer's turn on, not from asking for it: the time others wait.
             started = time.perf_counter()
-
-            async def claim_now(sql: SqlConnection) -> list[int]:
-                return await claim(sql, now, limit)
-
             loaded = await self._load(connection, now, claim=claim_now)
             claimed = len(loaded.lead_ids)
             if not claimed:
@@ -259,7 +259,8 @@ class Processor:
             lead_ids = await self._merge(connection, loaded.lead_ids, now)
             loaded = await self._load(connection, now, lead_ids=lead_ids)
         # A lead absorbed by an earlier batch: its events go on to the lead it joined,
-        # for a later batch (counted as taken forward, so that one follows at once).
+        # in this batch if that lead is in it, else in the next (counted as taken
+        # forward, so that the next batch follows at once).
         absorbed = [
             (row.id, row.merged_into) for row in loaded.leads if row.merged_into is not None
         ]
