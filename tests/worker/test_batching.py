@@ -126,6 +126,21 @@ async def test_batches_claim_the_size_and_say_whether_they_were_full(engine: Eng
     assert await engine.pending_events() == 0
 
 
+class Looks:
+    """Counts the read transactions `db` opens from now on: the worker's looks on a
+    reader for pending events."""
+
+    def __init__(self, db: Database) -> None:
+        self.count = 0
+        read = db.read
+
+        def counted_read() -> Any:
+            self.count += 1
+            return read()
+
+        db.read = counted_read  # type: ignore[method-assign]
+
+
 async def test_only_a_batch_after_one_that_was_not_full_looks_on_a_reader_first(
     engine: Engine,
 ) -> None:
@@ -133,21 +148,13 @@ async def test_only_a_batch_after_one_that_was_not_full_looks_on_a_reader_first(
     await _send_leads(engine, 5)
     db = engine.runtime.db
     processor = Processor(db, engine.runtime.book, engine.clock, batch_leads=2)
-    looks = 0
-    read = db.read
-
-    def counted_read() -> Any:
-        nonlocal looks
-        looks += 1
-        return read()
-
-    db.read = counted_read  # type: ignore[method-assign]
+    looks = Looks(db)
     taken = [await processor.process_events() for _ in range(5)]
 
     assert taken == [2, 2, 1, 0, 0]
     # The first batch looked; the two after a full batch did not; the two polls after
     # the batch of one looked, found nothing and went no further.
-    assert looks == 3
+    assert looks.count == 3
     assert await engine.pending_events() == 0
 
 
@@ -158,21 +165,13 @@ async def test_a_batch_of_announced_events_does_not_look_on_a_reader_first(
     transaction for nothing. A batch that then finds none claims nothing, and says so."""
     db = engine.runtime.db
     processor = Processor(db, engine.runtime.book, engine.clock, batch_leads=10)
-    looks = 0
-    read = db.read
-
-    def counted_read() -> Any:
-        nonlocal looks
-        looks += 1
-        return read()
-
-    db.read = counted_read  # type: ignore[method-assign]
+    looks = Looks(db)
     await _send_leads(engine, 3)
     assert await processor.process_events(announced=True) == 3
     assert await processor.process_events(announced=True) == 0
-    assert looks == 0
+    assert looks.count == 0
     assert await processor.process_events() == 0
-    assert looks == 1
+    assert looks.count == 1
     assert await engine.pending_events() == 0
 
 
