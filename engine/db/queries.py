@@ -782,6 +782,36 @@ async def update_leads(connection: SqlConnection, rows: Sequence[LeadUpdate]) ->
     )
 
 
+# (id, watermark, updated_at): None leaves `updated_at` as it is
+LeadClock = tuple[int, datetime | None, datetime | None]
+
+
+async def update_lead_clocks(connection: SqlConnection, rows: Sequence[LeadClock]) -> None:
+    """The watermark of leads otherwise unchanged, and their `updated_at` where given."""
+    await update_rows(
+        connection,
+        leads,
+        ("watermark", "updated_at"),
+        ("id",),
+        [
+            (micros(watermark), micros(updated_at), lead_id)
+            for lead_id, watermark, updated_at in rows
+            if updated_at is not None
+        ],
+    )
+    await update_rows(
+        connection,
+        leads,
+        ("watermark",),
+        ("id",),
+        [
+            (micros(watermark), lead_id)
+            for lead_id, watermark, updated_at in rows
+            if updated_at is None
+        ],
+    )
+
+
 # (lead_id, journey_id, entry_no, version, stage, state, epoch, entered_at,
 #  stage_entered_at, ended_at, sequences)
 NewEnrollment = tuple[

@@ -315,9 +315,7 @@ class Processor:
                 [(event.timestamp, event.data.get("context")) for event in lead_events],
             )
             event_ids = [event.id for event in lead_events]
-            changes.add_outcome(
-                row.id, outcome, event_ids, touch, touch != stored_touch, lead.traits
-            )
+            changes.add_outcome(row.id, outcome, event_ids, touch, touch != stored_touch, lead)
             applied.extend(lead_events)
         # On SQLite in one trip to the driver's thread, as the loads above: with a trip
         # per statement through SQLAlchemy, a batch of 20 leads cost about a third more
@@ -328,7 +326,7 @@ class Processor:
         tally.add(changes)
         for lead_id, lead_events, lead_timers in failed:
             await self._quarantine(connection, lead_id, lead_events, lead_timers, now)
-        return changes.leads_count + len(failed) + len(absorbed)
+        return changes.advanced + len(failed) + len(absorbed)
 
     def _knows(self, run: Enrollment) -> bool:
         """Whether this process has the journey version the run is on (during a rolling

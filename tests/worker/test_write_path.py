@@ -27,6 +27,7 @@ from engine.db.schema import (
 from engine.db.types import to_micros
 from engine.machine.values import Cause
 from engine.worker.changes import cause_json
+from engine.worker.processor import Processor
 from tests.worker.conftest import Engine
 
 CATALOG = {"path": "/catalog/steel"}
@@ -96,6 +97,42 @@ async def test_rows_written_in_bulk_are_stored_as_the_column_types_store_them(
     assert await engine.audiences(lead.id) == {"visitors": True, "abandoners": False}
     (left,) = await engine.rows(audience_members, lead_id=lead.id, audience="abandoners")
     assert left.removed_at == landed_at
+
+
+async def test_a_timeouts_move_rewrites_the_run_and_leaves_the_lead_as_it_was(
+    engine: Engine,
+) -> None:
+    """A timer's move changes the run, and of the lead only its clock (the watermark):
+    `updated_at` stays when its events were last applied. The batch still counts the
+    lead as taken forward (a sweep goes on while batches take leads forward)."""
+    for n in range(3):
+        await engine.send(
+            "page", anonymousId=f"a{n}", properties=CATALOG, context={"campaign": {"source": "x"}}
+        )
+    await engine.run()
+    ids = [await engine.lead_id(anonymous_id=f"a{n}") for n in range(3)]
+    before = [await engine.lead(lead_id) for lead_id in ids]
+
+    engine.clock.advance(timedelta(hours=2))
+    processor = Processor(engine.runtime.db, engine.runtime.book, engine.clock, batch_leads=2)
+    assert await processor.process_due_timers() == 2
+    assert await processor.process_due_timers() == 1
+    assert await processor.process_due_timers() == 0
+
+    for lead_id, was in zip(ids, before, strict=True):
+        assert ("visitor", "retarget", "timer") in await engine.history(lead_id)
+        now = await engine.lead(lead_id)
+        assert now.watermark == was.watermark + timedelta(hours=2)
+        assert {**now._mapping, "watermark": None} == {**was._mapping, "watermark": None}
+
+    # An event that changes nothing of the lead moves its clock and `updated_at`.
+    await engine.send("page", anonymousId="a0", properties=LANDING)
+    await engine.run(timedelta(minutes=1))
+    lead = await engine.lead(ids[0])
+    assert lead.watermark == engine.clock.now() - timedelta(minutes=1)  # the page's time
+    assert lead.updated_at == engine.clock.now()
+    assert lead.traits == before[0].traits
+    await _stored(engine, leads, ["updated_at", "watermark"], ["traits"])
 
 
 def test_a_cause_is_written_as_the_text_of_its_dict() -> None:
