@@ -893,25 +893,42 @@ async def update_entry_numbers(connection: AsyncConnection, rows: list[dict[str,
 EnrollmentUpdate = tuple[int, int, str, str, int, datetime, datetime | None, Sequence[str]]
 
 
+_RUN_COLUMNS = ("version", "stage", "epoch", "stage_entered_at", "ended_at", "sequences")
+
+
 async def update_enrollments(connection: SqlConnection, rows: Sequence[EnrollmentUpdate]) -> None:
-    await update_rows(
-        connection,
-        enrollments,
-        ("version", "stage", "state", "epoch", "stage_entered_at", "ended_at", "sequences"),
-        ("id",),
-        [
+    """Rewrite the runs' changing columns. A run still active was active before (one
+    that ended never starts again: a new entry is a new row), so for those `state` is
+    left out of the statement: SQLite keeps up every index a statement's SET names, here
+    the partial index of active runs, which cost a fifth of the update."""
+    values = [
+        (
+            state,
             (
                 version,
                 stage,
-                state,
                 epoch,
                 micros(stage_entered_at),
                 micros(ended_at),
                 json_text(list(sequences)),
-                row_id,
-            )
-            for row_id, version, stage, state, epoch, stage_entered_at, ended_at, sequences in rows
-        ],
+            ),
+            row_id,
+        )
+        for row_id, version, stage, state, epoch, stage_entered_at, ended_at, sequences in rows
+    ]
+    await update_rows(
+        connection,
+        enrollments,
+        _RUN_COLUMNS,
+        ("id",),
+        [(*run, row_id) for state, run, row_id in values if state == "active"],
+    )
+    await update_rows(
+        connection,
+        enrollments,
+        (*_RUN_COLUMNS, "state"),
+        ("id",),
+        [(*run, state, row_id) for state, run, row_id in values if state != "active"],
     )
 
 
