@@ -200,20 +200,31 @@ async def record_batch(
     if not lead_ids:
         return
     before = await load_figures(connection, lead_ids)
-    after = {key: figures.copy() for key, figures in before.items()}
-    for (_, lead_id), figures in after.items():
-        figures.source = sources.get(lead_id, figures.source)
+    # `after` shares the figures of `before` until one changes, then holds a copy: most
+    # leads of a batch only move, which reads their cohort's day and changes nothing.
+    after = dict(before)
+
+    def to_change(key: LeadKey) -> LeadFigures:
+        figures = after[key]
+        if figures is before.get(key):
+            figures = after[key] = figures.copy()
+        return figures
+
+    for key, held in before.items():
+        source = sources.get(key[1], held.source)
+        if source != held.source:
+            to_change(key).source = source
     deltas = Deltas()
     for lead_id, item in counted:
         effect = item.effect
         key = (item.journey_id, lead_id)
-        found = after.get(key)
-        if found is None:
+        figures = after.get(key)
+        if figures is None:
             # Its first entry (or, in a database older than the roll-ups and not yet
             # rebuilt, its first move since): the lead joins the cohort of that day.
-            found = after[key] = LeadFigures(day_of(item.at), sources.get(lead_id, ""))
-        figures = found
+            figures = after[key] = LeadFigures(day_of(item.at), sources.get(lead_id, ""))
         if isinstance(effect, ReachGoal):
+            figures = to_change(key)
             figures.goals += 1
             figures.value += effect.value or 0.0
         elif isinstance(effect, Transitioned):
@@ -456,10 +467,16 @@ async def _write_figures(
 ) -> None:
     """Store the leads' figures as `after` (dropping those only in `before`) and add to
     the counters what changed between the two, with `deltas`."""
+    # Figures held in both as the same object are unchanged, known without comparing.
     for key, figures in before.items():
-        if after.get(key) != figures:
+        now = after.get(key)
+        if now is not figures and now != figures:
             deltas.lead(key[0], figures, sign=-1)
-    changed = [(key, figures) for key, figures in after.items() if before.get(key) != figures]
+    changed = [
+        (key, figures)
+        for key, figures in after.items()
+        if (was := before.get(key)) is not figures and was != figures
+    ]
     for key, figures in changed:
         deltas.lead(key[0], figures)
     gone = [key for key in before if key not in after]
