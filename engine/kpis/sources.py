@@ -32,7 +32,8 @@ def first_touch(
     known: FirstTouch, events: Iterable[tuple[datetime, Mapping[str, Any] | None]]
 ) -> FirstTouch:
     """The first touch after these (timestamp, context) events: an event from before the
-    known first touch replaces it, so a late event is attributed as if it came in time."""
+    known first touch replaces it, so a late event is attributed as if it came in time.
+    `known` itself when none does."""
     found = known
     for timestamp, context in events:
         source = campaign_source(context)

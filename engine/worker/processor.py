@@ -310,12 +310,19 @@ class Processor:
                 failed.append((row.id, lead_events, lead_timers))
                 continue
             stored_touch = FirstTouch(row.first_source, row.first_source_at)
-            touch = first_touch(
-                stored_touch,
-                [(event.timestamp, event.data.get("context")) for event in lead_events],
+            # Events alone can change it: a timeout's move skips the look. Unchanged, the
+            # same object comes back, known without comparing.
+            touch = (
+                first_touch(
+                    stored_touch,
+                    [(event.timestamp, event.data.get("context")) for event in lead_events],
+                )
+                if lead_events
+                else stored_touch
             )
+            touch_moved = touch is not stored_touch and touch != stored_touch
             event_ids = [event.id for event in lead_events]
-            changes.add_outcome(row.id, outcome, event_ids, touch, touch != stored_touch, lead)
+            changes.add_outcome(row.id, outcome, event_ids, touch, touch_moved, lead)
             applied.extend(lead_events)
         # On SQLite in one trip to the driver's thread, as the loads above: with a trip
         # per statement through SQLAlchemy, a batch of 20 leads cost about a third more
