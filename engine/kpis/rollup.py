@@ -469,8 +469,8 @@ async def _write_figures(
     the counters what changed between the two, with `deltas`."""
     # Figures held in both as the same object are unchanged, known without comparing.
     for key, figures in before.items():
-        now = after.get(key)
-        if now is not figures and now != figures:
+        kept = after.get(key)
+        if kept is not figures and kept != figures:
             deltas.lead(key[0], figures, sign=-1)
     changed = [
         (key, figures)
