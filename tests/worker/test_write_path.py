@@ -99,7 +99,7 @@ async def test_rows_written_in_bulk_are_stored_as_the_column_types_store_them(
     assert left.removed_at == landed_at
 
 
-async def test_a_timeouts_move_rewrites_the_run_and_leaves_the_lead_as_it_was(
+async def test_a_timeouts_move_changes_the_run_and_of_the_lead_only_its_clock(
     engine: Engine,
 ) -> None:
     """A timer's move changes the run, and of the lead only its clock (the watermark):
@@ -121,9 +121,9 @@ async def test_a_timeouts_move_rewrites_the_run_and_leaves_the_lead_as_it_was(
 
     for lead_id, was in zip(ids, before, strict=True):
         assert ("visitor", "retarget", "timer") in await engine.history(lead_id)
-        now = await engine.lead(lead_id)
-        assert now.watermark == was.watermark + timedelta(hours=2)
-        assert {**now._mapping, "watermark": None} == {**was._mapping, "watermark": None}
+        after = await engine.lead(lead_id)
+        assert after.watermark == was.watermark + timedelta(hours=2)
+        assert {**after._mapping, "watermark": None} == {**was._mapping, "watermark": None}
 
     # An event that changes nothing of the lead moves its clock and `updated_at`.
     await engine.send("page", anonymousId="a0", properties=LANDING)
